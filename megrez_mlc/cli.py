@@ -1,0 +1,261 @@
+"""`megrez-mlc` command line: each verb parses its options, calls one function, prints the result."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import MegrezError
+
+QUANTIZATIONS = ("q0f32", "q0f16", "q4f32_1", "q4f16_1")
+
+
+def _report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A MegrezError becomes one line on stderr and exit status 1; Ctrl-C exits 130 quietly."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except MegrezError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="megrez-mlc")
+def main() -> None:
+    """Run Megrez-3B on your own device: convert, compile, generate (MLC-LLM compatible)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter())
+    logger = logging.getLogger("megrez_mlc")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+quantization_option = click.option(
+    "--quantization", "-q", required=True, help=f"Weight format: {', '.join(QUANTIZATIONS)}."
+)
+
+
+@main.command("convert-weight")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@quantization_option
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model folder.")
+@click.option(
+    "--preset", default=None, help="Model preset filling fields config.json lacks (default: guessed)."
+)
+@click.option("--force", is_flag=True, help="Write into a folder that holds other files.")
+@_report_errors
+def convert_weight_cmd(
+    hf_dir: Path, quantization: str, output: Path, preset: str | None, force: bool
+) -> None:
+    """Convert (and quantize) a Hugging Face checkpoint into MLC's weight format."""
+    from .quantize.convert import convert_weight
+
+    start = time.perf_counter()
+    result = convert_weight(hf_dir, output, quantization, preset=preset, force=force)
+    click.echo(
+        f"wrote {result.num_tensors} tensors, {result.param_bytes / 2**20:.1f} MiB "
+        f"({result.bits_per_param:.2f} bits/param) to {output} in {time.perf_counter() - start:.1f} s"
+    )
+
+
+@main.command("gen-config")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@quantization_option
+@click.option("--conv-template", default="megrez", show_default=True, help="Conversation template.")
+@click.option(
+    "--context-window-size", type=int, default=None, help="Longest sequence (default: the model's)."
+)
+@click.option("--prefill-chunk-size", type=int, default=None, help="Most tokens per prefill call.")
+@click.option("--preset", default=None, help="Model preset (default: guessed from the folder name).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model folder.")
+@click.option("--force", is_flag=True, help="Write into a folder that holds other files.")
+@_report_errors
+def gen_config_cmd(
+    hf_dir: Path,
+    quantization: str,
+    conv_template: str,
+    context_window_size: int | None,
+    prefill_chunk_size: int | None,
+    preset: str | None,
+    output: Path,
+    force: bool,
+) -> None:
+    """Write mlc-chat-config.json and copy the tokenizer files."""
+    from .quantize.gen_config import CHAT_CONFIG_FILE, gen_config
+
+    config = gen_config(
+        hf_dir,
+        output,
+        quantization,
+        conv_template=conv_template,
+        context_window_size=context_window_size,
+        prefill_chunk_size=prefill_chunk_size,
+        preset=preset,
+        force=force,
+    )
+    click.echo(f"wrote {output / CHAT_CONFIG_FILE} and {len(config['tokenizer_files'])} tokenizer files")
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="cpu", show_default=True, help="See `megrez-mlc targets`.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Library file to write.")
+@click.option(
+    "--host", default=None, help="LLVM host triple, e.g. aarch64-linux-gnu (default: this machine)."
+)
+@click.option("--max-batch-size", type=int, default=32, show_default=True)
+@click.option("--context-window-size", type=int, default=None, help="Override the config's context window.")
+@click.option("--prefill-chunk-size", type=int, default=None, help="Override the config's prefill chunk.")
+@_report_errors
+def compile_cmd(
+    model: Path,
+    target: str,
+    output: Path,
+    host: str | None,
+    max_batch_size: int,
+    context_window_size: int | None,
+    prefill_chunk_size: int | None,
+) -> None:
+    """Compile a converted model (folder or mlc-chat-config.json) into a model library."""
+    from .compile.compiler import compile_model
+
+    result = compile_model(
+        model,
+        target,
+        output,
+        host=host,
+        max_batch_size=max_batch_size,
+        context_window_size=context_window_size,
+        prefill_chunk_size=prefill_chunk_size,
+    )
+    click.echo(f"compiled {output} for {result.target} in {result.seconds:.1f} s")
+
+
+def _sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."
+        ),
+        click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's)."),
+        click.option(
+            "--top-p", type=float, default=None, help="Nucleus sampling mass (default: the model's)."
+        ),
+        click.option(
+            "--top-k", type=int, default=0, show_default=True, help="Sample among the k best; 0 = all."
+        ),
+        click.option("--repetition-penalty", type=float, default=None, help="Default: the model's."),
+        click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal...")(func)
+    return click.option(
+        "--model-lib",
+        type=click.Path(path_type=Path),
+        required=True,
+        help="Library from `megrez-mlc compile`.",
+    )(func)
+
+
+@main.command("generate")
+@click.argument("model", type=click.Path(path_type=Path))
+@_model_lib_option
+@click.option("--prompt", "-p", required=True, help="The prompt (a user message unless --raw).")
+@click.option("--raw", is_flag=True, help="Tokenize the prompt as is: no chat template, no BOS.")
+@_sampling_options
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-turn tokens.")
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON line: {"text", "token_ids", "usage"}.')
+@_report_errors
+def generate_cmd(
+    model: Path,
+    model_lib: Path,
+    device: str,
+    prompt: str,
+    raw: bool,
+    max_tokens: int,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    ignore_eos: bool,
+    as_json: bool,
+) -> None:
+    """Generate one completion."""
+    from .runtime import Engine
+
+    engine = Engine(model, model_lib, device)
+    params = engine.default_sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=list(stop),
+        ignore_eos=ignore_eos,
+    )
+    prompt_ids = (
+        engine.tokenizer.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": prompt}])
+    )
+    if as_json:
+        result = engine.generate(prompt_ids, params)
+        click.echo(
+            json.dumps(
+                {"text": result.text, "token_ids": result.token_ids, "usage": result.usage},
+                ensure_ascii=False,
+            )
+        )
+        return
+    for delta in engine.stream(prompt_ids, params):
+        click.echo(delta.text, nl=False)
+    click.echo()
+
+
+@main.command("demo")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to build the demo (default: $MEGREZ_MLC_HOME/demo).",
+)
+@click.option("--quantization", "-q", default="q4f32_1", show_default=True)
+@click.option("--prompt", "-p", default="你好，Megrez！", show_default=True)
+@_report_errors
+def demo_cmd(workdir: Path | None, quantization: str, prompt: str) -> None:
+    """Build a tiny random Megrez-shaped model and run the whole pipeline on it."""
+    from .demo import run_demo
+
+    run_demo(workdir, quantization, prompt, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The Megrez (LLaMA) graph in `tvm.relax.frontend.nn`, exporting MLC-LLM's engine functions.
+
+Parameter names follow MLC's llama model (quantize/param_map.py builds the same list from data); every
+exported function takes the weights as one trailing tuple ("packed" params), logits are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax as rx
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from ..config import ModelConfig
+from ..quantize.group_quant import quantized_shapes
+from ..quantize.schemes import QuantScheme
+from . import ops
+
+
+class Linear(nn.Module):
+    """y = x @ W^T with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4 groups)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme) -> None:
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = scheme.model_dtype
+        if scheme.quantized:
+            q_weight_shape, q_scale_shape = quantized_shapes(out_features, in_features)
+            self.q_weight = nn.Parameter(q_weight_shape, "uint32")
+            self.q_scale = nn.Parameter(q_scale_shape, scheme.scale_dtype)
+        else:
+            self.weight = nn.Parameter((out_features, in_features), scheme.model_dtype)
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        out_dtype = out_dtype or self.dtype
+        if hasattr(self, "q_weight"):
+            return op.tensor_expr_op(
+                lambda a, w, s: ops.dequantize_matmul_nt(a, w, s, self.in_features, out_dtype),
+                "dequantize_matmul",
+                [x, self.q_weight, self.q_scale],
+            )
+        return op.tensor_expr_op(lambda a, w: ops.matmul_nt(a, w, out_dtype), "matmul", [x, self.weight])
+
+
+class Embedding(Linear):
+    """Token embedding table [vocab, hidden]; with tied weights it doubles as the lm_head matmul."""
+
+    def lookup(self, ids: Tensor) -> Tensor:
+        if hasattr(self, "q_weight"):
+            return op.tensor_expr_op(
+                lambda w, s, i: ops.dequantize_take(w, s, i, self.in_features, self.dtype),
+                "dequantize_take",
+                [self.q_weight, self.q_scale, ids],
+            )
+        return op.tensor_expr_op(ops.take_rows, "take", [self.weight, ids])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, scheme)
+        self.o_proj = Linear(config.attention_out_features, config.hidden_size, scheme)
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        # RoPE is applied inside the KV cache (RopeMode.NORMAL), with the model's rope_theta.
+        out = kv_cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, scheme)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, scheme)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
+        dtype = scheme.model_dtype
+        self.self_attn = Attention(config, scheme)
+        self.mlp = MLP(config, scheme)
+        self.input_layernorm = nn.RMSNorm(
+            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=dtype
+        )
+        self.post_attention_layernorm = nn.RMSNorm(
+            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=dtype
+        )
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), kv_cache, layer_id)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
+        self.embed_tokens = Embedding(config.hidden_size, config.vocab_size, scheme)
+        self.layers = nn.ModuleList([DecoderLayer(config, scheme) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(
+            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=scheme.model_dtype
+        )
+
+    def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            x = layer(x, kv_cache, layer_id)
+        return self.norm(x)
+
+
+class MegrezForCausalLM(nn.Module):
+    """Functions and signatures of MLC-LLM's engine ABI (see DESIGN.md §2)."""
+
+    def __init__(self, config: ModelConfig, scheme: QuantScheme, target: Target) -> None:
+        self.config = config
+        self.dtype = scheme.model_dtype
+        self.target = target
+        self.model = LlamaModel(config, scheme)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, scheme)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
+        return head(hidden, out_dtype="float32")
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens.lookup(input_ids)
+
+    def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        hidden = self.model(input_embed, paged_kv_cache)
+
+        def last_position(x: te.Tensor) -> te.Tensor:
+            b, s, d = x.shape
+            return te.compute((b, 1, d), lambda i, _, k: x[i, s - 1, k], name="last_position")
+
+        hidden = op.tensor_expr_op(last_position, "last_position", [hidden])
+        return self.logits(hidden), paged_kv_cache
+
+    def decode(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.logits(self.model(input_embed, paged_kv_cache)), paged_kv_cache
+
+    def batch_prefill(
+        self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        hidden = op.tensor_expr_op(
+            ops.take_positions, "take_positions", [self.model(input_embeds, paged_kv_cache), logit_positions]
+        )
+        return self.logits(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        return self.logits(self.model(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def create_tir_paged_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling={},
+            rope_ext_factors=rx.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.dtype,
+            target=self.target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        hidden, dtype = self.config.hidden_size, self.dtype
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        spec: dict[str, Any] = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], "int32"), "$": packed},
+            "prefill": {
+                "input_embed": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "decode": {
+                "input_embed": nn.spec.Tensor([1, 1, hidden], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_prefill": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_decode": {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, hidden], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "batch_verify": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", hidden], dtype),
+                "paged_kv_cache": kv,
+                "$": packed,
+            },
+            "create_tir_paged_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)

@@ -1,0 +1,75 @@
+"""Tensor expressions for the weight-bound operators: (dequantize +) matmul and embedding lookup.
+
+Each is one TE function, so dequantization lives in the same PrimFunc as the matmul that consumes it:
+the dequantize stage is a separate block that schedules inline it into the reduction, and the int4
+weights are never expanded in memory. Weights are [N, K] (outputs x inputs), as Hugging Face stores them.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from ..quantize.group_quant import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD
+
+
+def dequantize_value(q_weight: te.Tensor, q_scale: te.Tensor, row: tirx.Expr, col: tirx.Expr, dtype: str):
+    """(nibble - 7) * scale for input `col` of output `row` (layout in quantize/group_quant.py)."""
+    word = q_weight[row, col // NIBBLES_PER_WORD]
+    shift = ((col % NIBBLES_PER_WORD) * 4).astype("uint32")
+    nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))
+    return (nibble.astype(dtype) - tirx.const(MAX_INT, dtype)) * q_scale[row, col // GROUP_SIZE].astype(dtype)
+
+
+def matmul_nt(x: te.Tensor, weight: te.Tensor, out_dtype: str) -> te.Tensor:
+    """x [..., K] @ weight[N, K]^T, accumulated in float32 and cast to out_dtype."""
+    *lead, k_in = x.shape
+    n_out = weight.shape[0]
+    k = te.reduce_axis((0, k_in), name="k")
+    acc = te.compute(
+        (*lead, n_out),
+        lambda *idx: te.sum(
+            x[(*idx[:-1], k)].astype("float32") * weight[idx[-1], k].astype("float32"), axis=k
+        ),
+        name="matmul",
+    )
+    if out_dtype == "float32":
+        return acc
+    return te.compute(acc.shape, lambda *idx: acc[idx].astype(out_dtype), name="matmul_cast")
+
+
+def dequantize_matmul_nt(
+    x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor, in_features: int, out_dtype: str
+) -> te.Tensor:
+    """x [..., K] @ dequantize(q_weight, q_scale)^T; K is the unpadded input width."""
+    weight = te.compute(
+        (q_weight.shape[0], in_features),
+        lambda n, k: dequantize_value(q_weight, q_scale, n, k, x.dtype),
+        name="dequantize",
+    )
+    return matmul_nt(x, weight, out_dtype)
+
+
+def dequantize_take(
+    q_weight: te.Tensor, q_scale: te.Tensor, ids: te.Tensor, dim: int, dtype: str
+) -> te.Tensor:
+    """Rows `ids` of a quantized [V, dim] embedding table, dequantized."""
+    return te.compute(
+        (ids.shape[0], dim),
+        lambda i, j: dequantize_value(q_weight, q_scale, ids[i], j, dtype),
+        name="dequantize_take",
+    )
+
+
+# Plain gathers written as TE: Relax's `take` legalizes to a "fast" gather that TVM warns may read out of
+# bounds; these index exactly as written, and the runtime checks token ids before they get here.
+def take_rows(table: te.Tensor, ids: te.Tensor) -> te.Tensor:
+    """table[ids[i], :] for each i."""
+    return te.compute((ids.shape[0], table.shape[1]), lambda i, j: table[ids[i], j], name="take_rows")
+
+
+def take_positions(hidden: te.Tensor, positions: te.Tensor) -> te.Tensor:
+    """hidden[:, positions[i], :]: the hidden states whose logits a batched prefill returns."""
+    b, _, d = hidden.shape
+    return te.compute(
+        (b, positions.shape[0], d), lambda i, p, k: hidden[i, positions[p], k], name="take_positions"
+    )

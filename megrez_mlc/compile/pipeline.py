@@ -1,0 +1,110 @@
+"""The Relax pass pipeline: TVM's default lowering with the pieces an LLM library needs added.
+
+Added to TVM's per-target default: symbolic-length upper bounds (so memory can be planned statically),
+target-specific TIR scheduling, and an `_metadata` function recording the planned memory per function.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax import transform
+
+# A function of the module -> the upper bound of each symbolic length it takes.
+VariableBounds = dict[str, int]
+
+
+@tvm.transform.module_pass(opt_level=0, name="AttachVariableBounds")
+class AttachVariableBounds:
+    """Tell the memory planner the largest value each symbolic length can take at run time."""
+
+    def __init__(self, bounds: VariableBounds) -> None:
+        self.bounds = bounds
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                func = func.with_attr("tir_var_upper_bound", self.bounds)
+                func = func.with_attr("tir_non_negative_var", list(self.bounds))
+                mod[gvar] = func
+        return mod
+
+
+def planned_memory_bytes(mod: tvm.IRModule) -> dict[str, int]:
+    """Bytes of the static storage each Relax function allocates (after StaticPlanBlockMemory)."""
+    alloc_storage = tvm.ir.Op.get("relax.memory.alloc_storage")
+    usage: dict[str, int] = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        total = 0
+
+        def visit(expr: relax.Expr) -> None:
+            nonlocal total
+            if isinstance(expr, relax.Call) and expr.op.same_as(alloc_storage):
+                size = expr.args[0].values[0]
+                if isinstance(size, tirx.IntImm):
+                    total += int(size.value)
+
+        relax.analysis.post_order_visit(func.body, visit)
+        usage[gvar.name_hint] = total
+    return usage
+
+
+@tvm.transform.module_pass(opt_level=0, name="AttachMetadata")
+class AttachMetadata:
+    """Add `_metadata() -> str`, a JSON string MLC's engine reads (memory usage filled in here)."""
+
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        self.metadata = metadata
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        metadata = {**self.metadata, "memory_usage": planned_memory_bytes(mod)}
+        bb = relax.BlockBuilder()
+        with bb.function("_metadata", params=[]):
+            bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata)))
+        mod = mod.clone() if hasattr(mod, "clone") else mod
+        mod["_metadata"] = bb.finalize()["_metadata"]
+        return mod
+
+
+def build_pipeline(
+    target: tvm.target.Target,
+    bounds: VariableBounds,
+    metadata: dict[str, Any],
+    schedule_passes: list[tvm.transform.Pass],
+) -> Callable[[tvm.IRModule], tvm.IRModule]:
+    """The whole Relax pipeline for one target; `schedule_passes` run on the fused TIR functions."""
+
+    @tvm.transform.module_pass(opt_level=0, name="MegrezPipeline")
+    def pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        passes = [
+            AttachVariableBounds(bounds),
+            transform.LegalizeOps(),
+            transform.AnnotateTIROpPattern(),
+            transform.FoldConstant(),
+            transform.FuseOps(),
+            transform.FuseTIR(),
+            transform.DeadCodeElimination(),
+            *schedule_passes,
+            transform.RewriteDataflowReshape(),
+            transform.ToNonDataflow(),
+            transform.RemovePurityChecking(),
+            transform.CallTIRRewrite(),
+            transform.StaticPlanBlockMemory(),
+            AttachMetadata(metadata),
+            transform.LowerAllocTensor(),
+            transform.KillAfterLastUse(),
+            transform.LowerRuntimeBuiltin(),
+            transform.ComputePrimValue(),
+            transform.VMShapeLower(),
+            transform.AttachGlobalSymbol(),
+        ]
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline

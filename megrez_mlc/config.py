@@ -1,0 +1,229 @@
+"""The model's shape: one dataclass, read from a Hugging Face config.json or from mlc-chat-config.json.
+
+A shipped preset (model_configs/*.json) fills fields a checkpoint leaves out; where the checkpoint's own
+config.json says something else, the checkpoint wins and the disagreement is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import MegrezError
+
+log = logging.getLogger("megrez_mlc")
+
+# HF LlamaConfig defaults, used when neither config.json nor a preset names a field.
+_LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a LLaMA-architecture model (Megrez-3B is LLaMA-2 with grouped-query attention)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    context_window_size: int
+    tie_word_embeddings: bool
+
+    def __post_init__(self) -> None:
+        positive = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "context_window_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise MegrezError(f"model config field {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MegrezError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}): grouped-query attention needs whole groups; fix config.json"
+            )
+        if self.head_dim % 2:
+            raise MegrezError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @property
+    def qkv_out_features(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @property
+    def attention_out_features(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    # --- Hugging Face config.json -------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], preset: dict[str, Any] | None = None) -> ModelConfig:
+        """Build from a HF LlamaConfig dict; `preset` (a preset's "model_config") fills missing fields."""
+        _check_supported_architecture(hf)
+        preset = preset or {}
+        if preset:
+            _report_disagreements(hf, preset)
+        merged = {**_LLAMA_DEFAULTS, **preset, **{k: v for k, v in hf.items() if v is not None}}
+        try:
+            hidden = int(merged["hidden_size"])
+            heads = int(merged["num_attention_heads"])
+            return cls(
+                hidden_size=hidden,
+                intermediate_size=int(merged["intermediate_size"]),
+                num_hidden_layers=int(merged["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(merged.get("num_key_value_heads") or heads),
+                head_dim=int(merged.get("head_dim") or hidden // heads),
+                vocab_size=int(merged["vocab_size"]),
+                rms_norm_eps=float(merged["rms_norm_eps"]),
+                rope_theta=float(merged["rope_theta"]),
+                context_window_size=int(merged.get("max_position_embeddings") or 4096),
+                tie_word_embeddings=bool(merged["tie_word_embeddings"]),
+            )
+        except KeyError as missing:
+            raise MegrezError(f"config.json lacks the field {missing}; is this a LLaMA checkpoint?") from None
+
+    # --- MLC's mlc-chat-config.json "model_config" (field names of mlc_llm's LlamaConfig) ------------------
+
+    def to_mlc_dict(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "rms_norm_eps": self.rms_norm_eps,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "position_embedding_base": self.rope_theta,
+            "rope_scaling": None,
+            "context_window_size": self.context_window_size,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "tensor_parallel_shards": 1,
+            "pipeline_parallel_stages": 1,
+        }
+
+    @classmethod
+    def from_mlc_dict(cls, mlc: dict[str, Any]) -> ModelConfig:
+        try:
+            return cls(
+                hidden_size=mlc["hidden_size"],
+                intermediate_size=mlc["intermediate_size"],
+                num_hidden_layers=mlc["num_hidden_layers"],
+                num_attention_heads=mlc["num_attention_heads"],
+                num_key_value_heads=mlc["num_key_value_heads"],
+                head_dim=mlc["head_dim"],
+                vocab_size=mlc["vocab_size"],
+                rms_norm_eps=mlc["rms_norm_eps"],
+                rope_theta=mlc["position_embedding_base"],
+                context_window_size=mlc["context_window_size"],
+                tie_word_embeddings=mlc["tie_word_embeddings"],
+            )
+        except KeyError as missing:
+            raise MegrezError(
+                f"mlc-chat-config.json's model_config lacks {missing}; "
+                "regenerate it with `megrez-mlc gen-config`"
+            ) from None
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_supported_architecture(hf: dict[str, Any]) -> None:
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
+        raise MegrezError(
+            f"config.json describes {archs or hf.get('model_type')}, not LlamaForCausalLM; "
+            "megrez-mlc supports the Megrez-3B (LLaMA) text model"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise MegrezError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise MegrezError(f"config.json sets {flag}=true; LLaMA/Megrez linear layers have no bias")
+    scaling = hf.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        raise MegrezError(f"rope_scaling {scaling} is not supported; only plain RoPE is")
+
+
+def _report_disagreements(hf: dict[str, Any], preset: dict[str, Any]) -> None:
+    for key, preset_value in preset.items():
+        if key in hf and hf[key] is not None and hf[key] != preset_value:
+            log.warning(
+                "config.json says %s=%r but the preset says %r; using the checkpoint's value",
+                key,
+                hf[key],
+                preset_value,
+            )
+
+
+# --- presets ----------------------------------------------------------------------------------------------
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("megrez_mlc.model_configs")
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        raise MegrezError(f"unknown model preset {name!r}; choose one of: {', '.join(names)}")
+    text = resources.files("megrez_mlc.model_configs").joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def guess_preset(hf_dir: Path, hf: dict[str, Any]) -> str | None:
+    """The preset whose name appears in the checkpoint's folder name or its recorded `_name_or_path`."""
+    haystack = f"{hf_dir.resolve().name} {hf.get('_name_or_path', '')}".lower().replace("_", "-")
+    for name in preset_names():
+        if name in haystack:
+            return name
+    return None
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise MegrezError(f"{hf_dir} is not a directory; pass the folder of a Hugging Face checkpoint")
+    if not path.is_file():
+        if (hf_dir / "mlc-chat-config.json").is_file():
+            raise MegrezError(
+                f"{hf_dir} is an already-converted MLC model (it has mlc-chat-config.json, no config.json); "
+                "pass the original Hugging Face checkpoint folder"
+            )
+        raise MegrezError(
+            f"{path} not found; pass the folder of a Hugging Face checkpoint (with config.json)"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MegrezError(f"{path} is not valid JSON ({err}); re-download the checkpoint") from None
+
+
+def load_hf_model_config(
+    hf_dir: Path, preset: str | None = None
+) -> tuple[ModelConfig, dict[str, Any] | None]:
+    """Read a checkpoint's config.json, merged with a preset (named, or guessed from the folder name).
+
+    Returns the config and the preset dict (None when no preset applies).
+    """
+    hf = read_hf_config(hf_dir)
+    name = preset or guess_preset(hf_dir, hf)
+    preset_dict = load_preset(name) if name else None
+    config = ModelConfig.from_hf_dict(hf, preset_dict["model_config"] if preset_dict else None)
+    return config, preset_dict

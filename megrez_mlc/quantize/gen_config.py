@@ -1,0 +1,138 @@
+"""`gen-config`: write mlc-chat-config.json (MLC's schema) and copy the tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import load_hf_model_config, load_preset
+from ..conversation import MEGREZ_STOP_TOKENS, get_template
+from ..errors import MegrezError
+from ..staging import staged_model_dir
+from .schemes import get_scheme
+
+log = logging.getLogger("megrez_mlc")
+
+CHAT_CONFIG_FILE = "mlc-chat-config.json"
+MLC_CHAT_CONFIG_VERSION = "0.1.0"
+DEFAULT_PRESET = "megrez-3b-instruct"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "special_tokens_map.json",
+)
+CONFIG_FILES = (CHAT_CONFIG_FILE, *TOKENIZER_FILES)
+SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty")
+
+
+def special_token_ids(tokenizer_json: dict[str, Any]) -> dict[str, int]:
+    """Content -> id of every added token of a HF tokenizer.json (plus vocab entries for BPE models)."""
+    ids = {tok["content"]: tok["id"] for tok in tokenizer_json.get("added_tokens", [])}
+    vocab = tokenizer_json.get("model", {}).get("vocab", {})
+    if isinstance(vocab, dict):
+        for token in MEGREZ_STOP_TOKENS:
+            if token in vocab:
+                ids.setdefault(token, vocab[token])
+    return ids
+
+
+def gen_config(
+    hf_dir: Path,
+    out_dir: Path,
+    quantization: str,
+    *,
+    conv_template: str = "megrez",
+    context_window_size: int | None = None,
+    prefill_chunk_size: int | None = None,
+    preset: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    scheme = get_scheme(quantization)
+    config, preset_dict = load_hf_model_config(hf_dir, preset)
+    tokenizer_path = hf_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise MegrezError(
+            f"{tokenizer_path} not found; megrez-mlc needs the checkpoint's fast tokenizer file"
+        )
+    tokenizer_json = json.loads(tokenizer_path.read_text(encoding="utf-8"))
+    specials = special_token_ids(tokenizer_json)
+    stop_ids = [specials[tok] for tok in MEGREZ_STOP_TOKENS if tok in specials]
+    if not stop_ids:
+        log.warning(
+            "the tokenizer has none of %s; generation stops only at max tokens", ", ".join(MEGREZ_STOP_TOKENS)
+        )
+
+    if context_window_size is not None:
+        if context_window_size <= 0:
+            raise MegrezError(f"--context-window-size must be positive, got {context_window_size}")
+        config = config.replace(context_window_size=context_window_size)
+    chat_defaults = (preset_dict or load_preset(DEFAULT_PRESET))["chat"]
+    prefill = prefill_chunk_size or min(config.context_window_size, chat_defaults["prefill_chunk_size"])
+    if prefill <= 0:
+        raise MegrezError(f"--prefill-chunk-size must be positive, got {prefill}")
+    prefill = min(prefill, config.context_window_size)
+
+    sampling = {k: chat_defaults[k] for k in SAMPLING_FIELDS}
+    generation_config = hf_dir / "generation_config.json"
+    if generation_config.is_file():
+        generated = json.loads(generation_config.read_text(encoding="utf-8"))
+        sampling.update({k: generated[k] for k in SAMPLING_FIELDS if k in generated})
+
+    hf = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    eos = hf.get("eos_token_id")
+    chat_config = {
+        "version": MLC_CHAT_CONFIG_VERSION,
+        "model_type": "llama",
+        "quantization": scheme.name,
+        "model_config": {**config.to_mlc_dict(), "prefill_chunk_size": prefill},
+        "vocab_size": config.vocab_size,
+        "context_window_size": config.context_window_size,
+        "sliding_window_size": -1,
+        "prefill_chunk_size": prefill,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        **sampling,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "tokenizer_files": [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()],
+        "tokenizer_info": {
+            "token_postproc_method": "byte_level",
+            "prepend_space_in_encode": False,
+            "strip_space_in_decode": False,
+        },
+        "conv_template": get_template(conv_template, stop_ids).to_json(),
+        "pad_token_id": specials.get("<|pad|>", 0),
+        "bos_token_id": hf.get("bos_token_id", specials.get("<|eos|>", 0)),
+        "eos_token_id": stop_ids or ([eos] if isinstance(eos, int) else eos or []),
+    }
+    with staged_model_dir(out_dir, CONFIG_FILES, force) as staging:
+        for name in chat_config["tokenizer_files"]:
+            shutil.copyfile(hf_dir / name, staging / name)
+        (staging / CHAT_CONFIG_FILE).write_text(
+            json.dumps(chat_config, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
+    return chat_config
+
+
+def read_chat_config(model: Path) -> tuple[Path, dict[str, Any]]:
+    """Accept a converted model folder or its mlc-chat-config.json; returns (folder, parsed config)."""
+    path = model / CHAT_CONFIG_FILE if model.is_dir() else model
+    if not path.is_file():
+        hint = (
+            " (this looks like a Hugging Face checkpoint; run convert-weight and gen-config first)"
+            if (model / "config.json").is_file()
+            else ""
+        )
+        raise MegrezError(f"{path} not found{hint}; pass a folder made by `megrez-mlc gen-config`")
+    try:
+        return path.parent, json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MegrezError(f"{path} is not valid JSON ({err}); run gen-config again") from None

@@ -1,0 +1,95 @@
+"""Which MLC parameter comes from which Hugging Face tensors: the mapping is data, built from the config.
+
+MLC-LLM's llama names: q/k/v projections fuse into `qkv_proj` and gate/up into `gate_up_proj` (concatenated
+along the output axis); `rotary_emb.inv_freq` buffers are ignored (RoPE runs inside the KV cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from .group_quant import quantized_shapes
+from .schemes import QuantScheme
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One MLC parameter: its base name, the HF tensors stacked on axis 0 to make it, its float shape.
+
+    `matrix` parameters ([N, K]: linears, the embedding, lm_head) are int4-quantized under q4 schemes;
+    the others (RMSNorm weights) stay in the model's float type.
+    """
+
+    name: str
+    hf_names: tuple[str, ...]
+    hf_rows: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _spec(name: str, sources: list[tuple[str, int]], cols: int | None) -> ParamSpec:
+    rows = tuple(n for _, n in sources)
+    shape = (sum(rows), cols) if cols is not None else (sum(rows),)
+    return ParamSpec(name, tuple(s for s, _ in sources), rows, shape)
+
+
+def llama_param_specs(config: ModelConfig) -> list[ParamSpec]:
+    """Every parameter of the LLaMA graph in the order the compiled model declares them."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    specs = [_spec("model.embed_tokens", [("model.embed_tokens.weight", config.vocab_size)], hidden)]
+    for i in range(config.num_hidden_layers):
+        hf, mlc = f"model.layers.{i}", f"model.layers.{i}"
+        specs += [
+            _spec(
+                f"{mlc}.self_attn.qkv_proj",
+                [
+                    (f"{hf}.self_attn.q_proj.weight", q_rows),
+                    (f"{hf}.self_attn.k_proj.weight", kv_rows),
+                    (f"{hf}.self_attn.v_proj.weight", kv_rows),
+                ],
+                hidden,
+            ),
+            _spec(f"{mlc}.self_attn.o_proj", [(f"{hf}.self_attn.o_proj.weight", hidden)], q_rows),
+            _spec(
+                f"{mlc}.mlp.gate_up_proj",
+                [(f"{hf}.mlp.gate_proj.weight", inter), (f"{hf}.mlp.up_proj.weight", inter)],
+                hidden,
+            ),
+            _spec(f"{mlc}.mlp.down_proj", [(f"{hf}.mlp.down_proj.weight", hidden)], inter),
+            _spec(f"{mlc}.input_layernorm", [(f"{hf}.input_layernorm.weight", hidden)], None),
+            _spec(
+                f"{mlc}.post_attention_layernorm", [(f"{hf}.post_attention_layernorm.weight", hidden)], None
+            ),
+        ]
+    specs.append(_spec("model.norm", [("model.norm.weight", hidden)], None))
+    if not config.tie_word_embeddings:
+        specs.append(_spec("lm_head", [("lm_head.weight", config.vocab_size)], hidden))
+    return specs
+
+
+def stored_tensors(spec: ParamSpec, scheme: QuantScheme) -> list[StoredTensor]:
+    """The tensors a parameter becomes on disk under a quantization scheme."""
+    if scheme.quantized and spec.matrix:
+        q_weight_shape, q_scale_shape = quantized_shapes(*spec.shape)
+        return [
+            StoredTensor(f"{spec.name}.q_weight", q_weight_shape, "uint32"),
+            StoredTensor(f"{spec.name}.q_scale", q_scale_shape, scheme.scale_dtype),
+        ]
+    return [StoredTensor(f"{spec.name}.weight", spec.shape, scheme.model_dtype)]
+
+
+def expected_hf_shapes(spec: ParamSpec) -> dict[str, tuple[int, ...]]:
+    return {name: (rows, *spec.shape[1:]) for name, rows in zip(spec.hf_names, spec.hf_rows)}

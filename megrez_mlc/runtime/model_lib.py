@@ -1,0 +1,237 @@
+"""A loaded model library plus its weights: the functions of MLC's engine ABI, called from Python.
+
+This is the thin layer over TVM's VM and the paged KV cache: sequences in, float32 logits out. Sampling,
+stopping and text live in generation.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.runtime import ShapeTuple
+
+from ..errors import MegrezError
+from ..quantize.tensor_cache import check_shard_sizes, read_index, tensor_records
+
+PAGE_SIZE = 16
+DEVICE_NAMES = ("cpu", "cuda", "metal", "rocm", "vulkan", "opencl")
+
+
+def open_device(device: str) -> tvm.runtime.Device:
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_NAMES:
+        raise MegrezError(f"unknown device {device!r}; use one of {', '.join(DEVICE_NAMES)} (optionally :N)")
+    dev = tvm.device(kind, int(index or 0))
+    if not dev.exist:
+        raise MegrezError(
+            f"device {device} is not available on this machine (or this TVM build lacks its runtime)"
+        )
+    return dev
+
+
+def check_params_against_metadata(model_dir: Path, metadata: dict[str, Any]) -> None:
+    """Every parameter the library expects is in tensor-cache.json with its shape and dtype."""
+    index = read_index(model_dir)
+    records = tensor_records(index)
+    for param in metadata["params"]:
+        name = param["name"]
+        rec = records.get(name)
+        if rec is None:
+            raise MegrezError(
+                f"parameter {name} is missing from {model_dir}/tensor-cache.json; the weights were converted "
+                f"for another model or quantization than the library ({metadata['quantization']})"
+            )
+        if list(rec.shape) != list(param["shape"]) or rec.dtype != param["dtype"]:
+            raise MegrezError(
+                f"parameter {name} is {rec.dtype}{list(rec.shape)} in {model_dir} but the library expects "
+                f"{param['dtype']}{list(param['shape'])}; "
+                "convert and compile from the same model and quantization"
+            )
+    check_shard_sizes(model_dir, index)
+
+
+class ModelLibrary:
+    """Weights on a device, the VM, and one paged KV cache shared by all sequences."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        model_lib: Path,
+        device: str = "cpu",
+        *,
+        max_batch_size: int = 8,
+        max_total_seq_len: int | None = None,
+        prefill_chunk_size: int | None = None,
+    ) -> None:
+        if not Path(model_lib).is_file():
+            raise MegrezError(f"model library {model_lib} not found; build it with `megrez-mlc compile`")
+        self.device = open_device(device)
+        try:
+            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(model_lib)), self.device)
+        except Exception as err:  # a library for another target/OS or a corrupt file
+            raise MegrezError(f"cannot load model library {model_lib} on {device}: {err}") from None
+        self.metadata: dict[str, Any] = json.loads(self.vm["_metadata"]())
+        check_params_against_metadata(model_dir, self.metadata)
+        self.params = self._load_params(model_dir)
+
+        self.context_window_size = int(self.metadata["context_window_size"])
+        self.prefill_chunk_size = min(
+            prefill_chunk_size or self.metadata["prefill_chunk_size"], self.metadata["prefill_chunk_size"]
+        )
+        self.max_batch_size = max_batch_size
+        self.max_total_seq_len = max_total_seq_len or self.context_window_size
+        self.vocab_size = int(self.metadata["params"][0]["shape"][0])
+        self.kv_cache = self.vm["create_tir_paged_kv_cache"](
+            ShapeTuple([max_batch_size]),
+            ShapeTuple([self.max_total_seq_len]),
+            ShapeTuple([self.prefill_chunk_size]),
+            ShapeTuple([PAGE_SIZE]),
+            ShapeTuple([0]),
+        )
+        self._f = {
+            name: self.vm[name] for name in ("embed", "prefill", "decode", "batch_prefill", "batch_decode")
+        }
+        self._kv = {
+            name: tvm.get_global_func(f"vm.builtin.{name}")
+            for name in (
+                "kv_state_add_sequence",
+                "kv_state_remove_sequence",
+                "kv_state_fork_sequence",
+                "kv_state_popn",
+                "kv_state_begin_forward",
+                "kv_state_end_forward",
+                "kv_state_clear",
+                "attention_kv_cache_get_num_available_pages",
+                "attention_kv_cache_get_total_sequence_length",
+            )
+        }
+        self._reshape = tvm.get_global_func("vm.builtin.reshape")
+        self._next_seq_id = 0
+        self.sequence_lengths: dict[int, int] = {}
+
+    def _load_params(self, model_dir: Path) -> Any:
+        load = tvm.get_global_func("vm.builtin.tensor_cache.load")
+        by_name = tvm.get_global_func("vm.builtin.param_array_from_cache_by_name")
+        clear = tvm.get_global_func("vm.builtin.tensor_cache.clear")
+        try:
+            load(str(model_dir), self.device.dlpack_device_type(), self.device.index)
+            return by_name([p["name"] for p in self.metadata["params"]])
+        except Exception as err:
+            raise MegrezError(f"cannot load the weights in {model_dir}: {err}") from None
+        finally:
+            clear()
+
+    # --- sequences in the KV cache -------------------------------------------------------------------------
+
+    def add_sequence(self) -> int:
+        if len(self.sequence_lengths) >= self.max_batch_size:
+            raise MegrezError(f"the KV cache holds at most {self.max_batch_size} sequences at once")
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        self._kv["kv_state_add_sequence"](self.kv_cache, seq_id)
+        self.sequence_lengths[seq_id] = 0
+        return seq_id
+
+    def fork_sequence(self, parent: int) -> int:
+        seq_id = self._next_seq_id
+        self._next_seq_id += 1
+        self._kv["kv_state_fork_sequence"](self.kv_cache, parent, seq_id, -1)
+        self.sequence_lengths[seq_id] = self.sequence_lengths[parent]
+        return seq_id
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._kv["kv_state_remove_sequence"](self.kv_cache, seq_id)
+        del self.sequence_lengths[seq_id]
+
+    def pop_tokens(self, seq_id: int, count: int) -> None:
+        """Drop the last `count` tokens of a sequence from the cache (roll back)."""
+        if count:
+            self._kv["kv_state_popn"](self.kv_cache, seq_id, count)
+            self.sequence_lengths[seq_id] -= count
+
+    def clear(self) -> None:
+        self._kv["kv_state_clear"](self.kv_cache)
+        self.sequence_lengths.clear()
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.sequence_lengths)
+
+    def free_tokens(self) -> int:
+        """Tokens that can still be appended across all sequences."""
+        return self.max_total_seq_len - sum(self.sequence_lengths.values())
+
+    # --- forward passes ------------------------------------------------------------------------------------
+
+    def _embed(self, token_ids: np.ndarray, batch: int) -> Any:
+        """Embeddings of the tokens as [batch, n / batch, hidden] (a view, no copy)."""
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+            raise MegrezError(f"token id out of range [0, {self.vocab_size}): {token_ids.tolist()}")
+        ids = tvm.runtime.tensor(token_ids.astype(np.int32), self.device)
+        embeds = self._f["embed"](ids, self.params)
+        n, hidden = embeds.shape
+        return self._reshape(embeds, ShapeTuple([batch, n // batch, hidden]))
+
+    def _forward(self, seq_ids: list[int], lengths: list[int], call: Any) -> np.ndarray:
+        if sum(lengths) > self.free_tokens():
+            raise MegrezError(
+                f"the KV cache is full ({self.max_total_seq_len} tokens in all); "
+                "shorten the prompts or raise max_total_seq_len"
+            )
+        self._kv["kv_state_begin_forward"](self.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
+        logits, _ = call()
+        self._kv["kv_state_end_forward"](self.kv_cache)
+        for seq_id, n in zip(seq_ids, lengths):
+            self.sequence_lengths[seq_id] += n
+        return logits.numpy()
+
+    def prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        """Append each sequence's tokens; returns the logits [b, vocab] after each one's last token.
+
+        Longer inputs are split into rounds of at most prefill_chunk_size tokens in all."""
+        pending = {s: list(t) for s, t in zip(seq_ids, token_lists) if t}
+        last_logits: dict[int, np.ndarray] = {}
+        while pending:
+            budget, round_ids, round_tokens = self.prefill_chunk_size, [], []
+            for seq_id, tokens in pending.items():
+                if budget == 0:
+                    break
+                piece = tokens[:budget]
+                round_ids.append(seq_id)
+                round_tokens.append(piece)
+                budget -= len(piece)
+            logits = self._prefill_round(round_ids, round_tokens)
+            for i, (seq_id, piece) in enumerate(zip(round_ids, round_tokens)):
+                pending[seq_id] = pending[seq_id][len(piece) :]
+                if not pending[seq_id]:
+                    del pending[seq_id]
+                    last_logits[seq_id] = logits[i]
+        return np.stack([last_logits[s] for s in seq_ids])
+
+    def _prefill_round(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        lengths = [len(t) for t in token_lists]
+        flat = np.concatenate([np.asarray(t, dtype=np.int32) for t in token_lists])
+        embeds = self._embed(flat, batch=1)
+        if len(seq_ids) == 1:
+            logits = self._forward(
+                seq_ids, lengths, lambda: self._f["prefill"](embeds, self.kv_cache, self.params)
+            )
+            return logits.reshape(1, -1)
+        positions = tvm.runtime.tensor(np.cumsum(lengths).astype(np.int32) - 1, self.device)
+        logits = self._forward(
+            seq_ids, lengths, lambda: self._f["batch_prefill"](embeds, positions, self.kv_cache, self.params)
+        )
+        return logits.reshape(len(seq_ids), -1)
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
+        """Append one token to each sequence; returns logits [b, vocab]."""
+        b = len(seq_ids)
+        embeds = self._embed(np.asarray(token_ids, dtype=np.int32), batch=b)
+        name = "decode" if b == 1 else "batch_decode"
+        logits = self._forward(seq_ids, [1] * b, lambda: self._f[name](embeds, self.kv_cache, self.params))
+        return logits.reshape(b, -1)

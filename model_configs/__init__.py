@@ -1,0 +1,1 @@
+"""Shipped model presets (JSON files beside this module)."""

@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny Megrez-shaped checkpoints, their converted and compiled forms, and the oracle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megrez_mlc.compile.compiler import compile_model
+from megrez_mlc.config import ModelConfig
+from megrez_mlc.quantize.convert import convert_weight
+from megrez_mlc.quantize.gen_config import gen_config
+from megrez_mlc.quantize.group_quant import dequantize_int4
+from megrez_mlc.quantize.param_map import llama_param_specs
+from megrez_mlc.quantize.tensor_cache import load_tensors
+from megrez_mlc.tiny import make_tiny_checkpoint
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    hf_dir: Path
+    model_dir: Path
+    lib: Path
+    quantization: str
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("hf") / "tiny-megrez")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("hf-tied") / "tiny-megrez-tied", tie_word_embeddings=True, seed=1
+    )
+
+
+_BUILT: dict[tuple[Path, str], BuiltModel] = {}
+
+
+def build(hf_dir: Path, quantization: str, root: Path, **gen_config_args: object) -> BuiltModel:
+    """Convert, gen-config and compile once per (checkpoint, quantization) for the whole session."""
+    key = (hf_dir, quantization)
+    if key not in _BUILT:
+        model_dir = root / f"{hf_dir.name}-{quantization}"
+        convert_weight(hf_dir, model_dir, quantization)
+        gen_config(hf_dir, model_dir, quantization, **gen_config_args)
+        lib = model_dir / "lib.so"
+        compile_model(model_dir, "cpu", lib)
+        _BUILT[key] = BuiltModel(hf_dir, model_dir, lib, quantization)
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def built(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("built")
+    return lambda quantization: build(tiny_hf, quantization, root)
+
+
+def reference_state_dict(model_dir: Path, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The float32 HF weights the converted model really holds (dequantized, fused tensors split back)."""
+    stored = load_tensors(model_dir)
+    state = {}
+    for spec in llama_param_specs(config):
+        if f"{spec.name}.q_weight" in stored:
+            full = dequantize_int4(
+                stored[f"{spec.name}.q_weight"], stored[f"{spec.name}.q_scale"], spec.shape[1]
+            )
+        else:
+            full = stored[f"{spec.name}.weight"].astype(np.float32)
+        offsets = np.cumsum((0, *spec.hf_rows))
+        for name, start, stop in zip(spec.hf_names, offsets[:-1], offsets[1:]):
+            state[name] = full[start:stop]
+    return state
+
+
+def reference_model(hf_dir: Path, model_dir: Path):
+    """transformers' LlamaForCausalLM (float32) on exactly the weights of a converted model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megrez_mlc.config import load_hf_model_config
+
+    config, _ = load_hf_model_config(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    state = {
+        k: torch.from_numpy(np.ascontiguousarray(v))
+        for k, v in reference_state_dict(model_dir, config).items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"}, missing  # only a tied lm_head is absent
+    return model.eval()
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`megrez-mlc ARGS` in a child process, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "megrez_mlc", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"megrez-mlc {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
