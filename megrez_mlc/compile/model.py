@@ -19,15 +19,25 @@ from ..config import ModelConfig
 from ..quantize.group_quant import quantized_shapes
 from ..quantize.schemes import QuantScheme
 from . import ops
+from .cpu_attention import paged_decode_attention_cpu
+
+
+def _is_single_token(x: Tensor) -> bool:
+    """A decode step of one sequence: every leading dimension is statically 1."""
+    return all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
 
 
 class Linear(nn.Module):
-    """y = x @ W^T with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4 groups)."""
+    """y = x @ W^T with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4 groups).
 
-    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme) -> None:
+    `cpu` picks CPU-friendly formulations: float32 dequantization, and a dedicated GEMV for one token.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, cpu: bool) -> None:
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = scheme.model_dtype
+        self.cpu = cpu
         if scheme.quantized:
             q_weight_shape, q_scale_shape = quantized_shapes(out_features, in_features)
             self.q_weight = nn.Parameter(q_weight_shape, "uint32")
@@ -38,8 +48,17 @@ class Linear(nn.Module):
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         out_dtype = out_dtype or self.dtype
         if hasattr(self, "q_weight"):
+            if self.cpu and _is_single_token(x):
+                return op.tensor_expr_op(
+                    lambda a, w, s: ops.dequantize_gemv_cpu(a, w, s, self.in_features, out_dtype),
+                    "dequantize_gemv",
+                    [x, self.q_weight, self.q_scale],
+                )
+            dequantize_dtype = "float32" if self.cpu else None
             return op.tensor_expr_op(
-                lambda a, w, s: ops.dequantize_matmul_nt(a, w, s, self.in_features, out_dtype),
+                lambda a, w, s: ops.dequantize_matmul_nt(
+                    a, w, s, self.in_features, out_dtype, dequantize_dtype
+                ),
                 "dequantize_matmul",
                 [x, self.q_weight, self.q_scale],
             )
@@ -60,12 +79,12 @@ class Embedding(Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
+    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, scheme)
-        self.o_proj = Linear(config.attention_out_features, config.hidden_size, scheme)
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, scheme, cpu)
+        self.o_proj = Linear(config.attention_out_features, config.hidden_size, scheme, cpu)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -76,9 +95,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, scheme)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, scheme)
+    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, scheme, cpu)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, scheme, cpu)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
@@ -86,10 +105,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
+    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
         dtype = scheme.model_dtype
-        self.self_attn = Attention(config, scheme)
-        self.mlp = MLP(config, scheme)
+        self.self_attn = Attention(config, scheme, cpu)
+        self.mlp = MLP(config, scheme, cpu)
         self.input_layernorm = nn.RMSNorm(
             config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=dtype
         )
@@ -103,9 +122,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme) -> None:
-        self.embed_tokens = Embedding(config.hidden_size, config.vocab_size, scheme)
-        self.layers = nn.ModuleList([DecoderLayer(config, scheme) for _ in range(config.num_hidden_layers)])
+    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
+        self.embed_tokens = Embedding(config.hidden_size, config.vocab_size, scheme, cpu)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, scheme, cpu) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = nn.RMSNorm(
             config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=scheme.model_dtype
         )
@@ -116,6 +137,17 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
+def _use_fast_cpu_decode_attention(config: ModelConfig, dtype: str) -> None:
+    """Swap TVM's serial CPU decode-attention kernel for ours (same signature; see cpu_attention.py)."""
+    bb = rx.BlockBuilder.current()
+    for gvar, func in bb.get().functions_items():
+        if func.attrs and func.attrs.get("global_symbol") == "batch_decode_paged_kv_cpu":
+            kernel = paged_decode_attention_cpu(
+                config.num_key_value_heads, config.num_attention_heads, config.head_dim, dtype
+            )
+            bb.update_func(gvar, kernel)
+
+
 class MegrezForCausalLM(nn.Module):
     """Functions and signatures of MLC-LLM's engine ABI (see DESIGN.md §2)."""
 
@@ -123,9 +155,10 @@ class MegrezForCausalLM(nn.Module):
         self.config = config
         self.dtype = scheme.model_dtype
         self.target = target
-        self.model = LlamaModel(config, scheme)
+        cpu = target.kind.name == "llvm"
+        self.model = LlamaModel(config, scheme, cpu)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, scheme)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, scheme, cpu)
 
     def logits(self, hidden: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -170,7 +203,7 @@ class MegrezForCausalLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         c = self.config
-        return TIRPagedKVCache(
+        cache = TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -195,6 +228,9 @@ class MegrezForCausalLM(nn.Module):
             dtype=self.dtype,
             target=self.target,
         )
+        if self.target.kind.name == "llvm":
+            _use_fast_cpu_decode_attention(c, self.dtype)
+        return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         hidden, dtype = self.config.hidden_size, self.dtype
