@@ -186,7 +186,7 @@ def targets_cmd() -> None:
                 status.name,
                 "no" if status.cannot_compile else "yes",
                 "no" if status.cannot_run else "yes",
-                " ".join(status.outputs_here) if not status.cannot_compile else "-",
+                ",".join(status.outputs_here) if not status.cannot_compile else "-",
                 "; ".join(notes),
             )
         )

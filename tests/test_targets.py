@@ -336,7 +336,8 @@ def test_targets_table_says_what_works_here() -> None:
     lines = run_cli("targets").stdout.splitlines()
     rows = {line.split()[0]: line.split(maxsplit=4) for line in lines[1:]}
     assert list(rows) == list(targets.TARGETS)
-    assert rows["cpu"][1:3] == ["yes", "yes"] and rows["cpu"][3].startswith(".so")
+    assert rows["cpu"][1:4] == ["yes", "yes", ".so,.tar"]
+    assert rows["metal"][3] == (".dylib,.so,.tar" if sys.platform == "darwin" else ".tar")
     for name in ("android", "iphone"):
         assert rows[name][1:3] == ["yes", "no"] and "it runs on" in rows[name][4]
     assert rows["cuda"][2] == ("yes" if tvm.cuda(0).exist else "no")
