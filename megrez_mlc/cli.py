@@ -121,9 +121,21 @@ def gen_config_cmd(
 @main.command("compile")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="cpu", show_default=True, help="See `megrez-mlc targets`.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Library file to write.")
 @click.option(
-    "--host", default=None, help="LLVM host triple, e.g. aarch64-linux-gnu (default: this machine)."
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Library to write: .so/.dylib/.wasm (linked here) or .tar (objects, always possible).",
+)
+@click.option(
+    "--host", default=None, help="LLVM host triple, e.g. aarch64-linux-gnu (default: the target's)."
+)
+@click.option("--cuda-arch", default=None, help="CUDA architecture, e.g. sm_89 (default: the local GPU's).")
+@click.option(
+    "--system-lib-prefix",
+    default=None,
+    help="Symbol prefix of a static (.tar/.wasm) library (default: llama_<quantization>_).",
 )
 @click.option("--max-batch-size", type=int, default=32, show_default=True)
 @click.option("--context-window-size", type=int, default=None, help="Override the config's context window.")
@@ -134,6 +146,8 @@ def compile_cmd(
     target: str,
     output: Path,
     host: str | None,
+    cuda_arch: str | None,
+    system_lib_prefix: str | None,
     max_batch_size: int,
     context_window_size: int | None,
     prefill_chunk_size: int | None,
@@ -146,11 +160,68 @@ def compile_cmd(
         target,
         output,
         host=host,
+        cuda_arch=cuda_arch,
+        system_lib_prefix=system_lib_prefix,
         max_batch_size=max_batch_size,
         context_window_size=context_window_size,
         prefill_chunk_size=prefill_chunk_size,
     )
-    click.echo(f"compiled {output} for {result.target} in {result.seconds:.1f} s")
+    prefix = f" (system library, prefix {result.system_lib_prefix})" if result.system_lib_prefix else ""
+    click.echo(f"compiled {output} for {result.target}{prefix} in {result.seconds:.1f} s")
+
+
+@main.command("targets")
+@_report_errors
+def targets_cmd() -> None:
+    """Which targets this machine and TVM build can compile for and run, and why not."""
+    from .compile.targets import target_statuses
+
+    rows = [("target", "compile", "run", "-o here", "what it is; why not")]
+    for status in target_statuses():
+        notes = [status.description]
+        notes += [f"cannot compile: {status.cannot_compile}"] if status.cannot_compile else []
+        notes += [f"cannot run: {status.cannot_run}"] if status.cannot_run else []
+        rows.append(
+            (
+                status.name,
+                "no" if status.cannot_compile else "yes",
+                "no" if status.cannot_run else "yes",
+                ",".join(status.outputs_here) if not status.cannot_compile else "-",
+                "; ".join(notes),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+
+
+@main.command("package")
+@click.option(
+    "--package-config",
+    type=click.Path(path_type=Path),
+    default=Path("mlc-package-config.json"),
+    show_default=True,
+    help="MLC package config: device and model_list.",
+)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("dist"), show_default=True)
+@_report_errors
+def package_cmd(package_config: Path, output: Path) -> None:
+    """Model libraries + app bundle for MLCChat (Android, iPhone): OUT/lib and OUT/bundle."""
+    from .package import package
+
+    result = package(package_config, output)
+    for library in result.libraries.values():
+        click.echo(f"wrote {library.output}")
+    if result.static_archive:
+        click.echo(f"wrote {result.static_archive}")
+    click.echo(f"wrote {output / 'bundle' / 'mlc-app-config.json'}:")
+    for model in result.app_config["model_list"]:
+        where = model.get("model_path") or model.get("model_url")
+        vram = model["estimated_vram_bytes"]
+        click.echo(
+            f"  {model['model_id']}: {model['model_lib']}, {where}, "
+            f"estimated_vram_bytes {vram} ({vram / 2**30:.2f} GiB)"
+        )
 
 
 def _sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from megrez_mlc.quantize.gen_config import gen_config
 from megrez_mlc.quantize.group_quant import dequantize_int4
 from megrez_mlc.quantize.param_map import llama_param_specs
 from megrez_mlc.quantize.tensor_cache import load_tensors
-from megrez_mlc.tiny import make_tiny_checkpoint
+from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,32 @@ def tiny_hf_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(
         tmp_path_factory.mktemp("hf-tied") / "tiny-megrez-tied", tie_word_embeddings=True, seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_gpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_hf with Megrez's head_dim of 64: TVM's GPU attention kernels cannot tile every head size (18
+    fails for CUDA, 16 and 32 for float32 OpenCL); the other sizes stay awkward."""
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("hf-gpu") / "tiny-megrez-gpu", shape=TinyShape(head_dim=64), seed=2
+    )
+
+
+@pytest.fixture(scope="session")
+def gpu_model(tiny_hf_gpu: Path, tmp_path_factory: pytest.TempPathFactory):
+    """quantization -> the converted tiny_hf_gpu folder (converted once per session)."""
+    root = tmp_path_factory.mktemp("gpu-models")
+    converted: dict[str, Path] = {}
+
+    def get(quantization: str) -> Path:
+        if quantization not in converted:
+            model_dir = root / f"tiny-megrez-gpu-{quantization}"
+            convert_weight(tiny_hf_gpu, model_dir, quantization)
+            gen_config(tiny_hf_gpu, model_dir, quantization)
+            converted[quantization] = model_dir
+        return converted[quantization]
+
+    return get
 
 
 _BUILT: dict[tuple[Path, str], BuiltModel] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ from ..config import ModelConfig
 from ..errors import MegrezError
 from ..quantize.gen_config import read_chat_config
 from ..quantize.schemes import QuantScheme, get_scheme
+from .gpu import device_functions, functions_left_on_host
 from .model import MegrezForCausalLM
 from .pipeline import build_pipeline
-from .targets import TargetPreset, get_target
+from .targets import LibraryOutput, TargetPreset, get_target
 
 DEFAULT_MAX_BATCH_SIZE = 32
+# IRModule.get_attr crashes on string attributes of 7 characters or fewer (TVM 0.27 wheel).
+MIN_SYSTEM_LIB_PREFIX = 8
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,10 @@ class CompileResult:
     output: Path
     target: str
     seconds: float
-    metadata: dict[str, Any]
+    metadata: dict[str, Any]  # what `_metadata()` returns, memory_usage included
+    system_lib_prefix: str  # "" for a shared library
+    device_functions: tuple[str, ...]  # the PrimFuncs that run on the GPU (empty for cpu)
+    device_source: str  # the generated kernels: CUDA C, OpenCL C, Metal or WGSL ("" for cpu)
 
 
 def library_metadata(
@@ -68,7 +75,26 @@ def build_ir_module(
     config: ModelConfig, scheme: QuantScheme, target: tvm.target.Target
 ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
     model = MegrezForCausalLM(config, scheme, target)
-    return model.export_tvm(spec=model.get_default_spec())
+    try:
+        return model.export_tvm(spec=model.get_default_spec())
+    except ValueError as err:  # TVM's GPU attention kernels reject some head sizes
+        raise MegrezError(
+            f"TVM cannot build the {target.kind.name} attention kernels for head_dim={config.head_dim}: {err}"
+        ) from None
+
+
+def default_system_lib_prefix(scheme: QuantScheme) -> str:
+    """MLC's `{model_type}_{quantization}_`: how an app finds this model among the static libraries."""
+    return f"llama_{scheme.name}_"
+
+
+def check_system_lib_prefix(prefix: str) -> str:
+    if len(prefix) < MIN_SYSTEM_LIB_PREFIX or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise MegrezError(
+            f"system library prefix {prefix!r} must be at least {MIN_SYSTEM_LIB_PREFIX} letters, digits or "
+            "underscores (it starts C symbol names), e.g. llama_q4f16_1_"
+        )
+    return prefix
 
 
 def compile_model(
@@ -77,10 +103,13 @@ def compile_model(
     output: Path,
     *,
     host: str | None = None,
+    cuda_arch: str | None = None,
+    system_lib_prefix: str | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     prefill_chunk_size: int | None = None,
     context_window_size: int | None = None,
 ) -> CompileResult:
+    """Compile the model in `model` for `target_name`; the suffix of `output` picks the library kind."""
     start = time.perf_counter()
     _, chat_config = read_chat_config(model)
     config = ModelConfig.from_mlc_dict(chat_config["model_config"])
@@ -89,25 +118,72 @@ def compile_model(
     scheme = get_scheme(chat_config["quantization"])
     prefill = min(prefill_chunk_size or chat_config["prefill_chunk_size"], config.context_window_size)
     preset: TargetPreset = get_target(target_name)
-    target = preset.make(host)
-    preset.check_output(output)
+    preset.check_can_compile()
+    target = preset.make(host, cuda_arch)
+    library = preset.output(output, host)  # before compiling: an unwritable -o fails fast
+    prefix = check_system_lib_prefix(system_lib_prefix or default_system_lib_prefix(scheme))
 
     mod, named_params = build_ir_module(config, scheme, target)
+    if library.system_lib:
+        mod = mod.with_attr("system_lib_prefix", prefix)
     metadata = library_metadata(config, scheme, named_params, prefill, max_batch_size)
     bounds = {"seq_len": prefill, "batch_size": max_batch_size, "total_seq_len": config.context_window_size}
     pipeline = build_pipeline(target, bounds, metadata, preset.schedule_passes(target))
-    executable = relax.build(mod, target, relax_pipeline=pipeline, system_lib=preset.system_lib)
-    _export(executable, output, preset)
-    return CompileResult(output, preset.name, time.perf_counter() - start, metadata)
+    with target:
+        mod = pipeline(mod)
+    on_device: tuple[str, ...] = ()
+    if preset.is_gpu:
+        on_device = tuple(device_functions(mod))
+        check_all_on_device(mod, preset)
+    # TIR's common-subexpression pass breaks some of TVM's own attention kernels in this wheel ("variable
+    # used before definition": Android's tree attention, float32 OpenCL prefill at head_dim 16 or 32).
+    # It is only an optimization, and the GPU compilers that take the generated source do it themselves.
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": preset.is_gpu}):
+        executable = relax.build(mod, target, relax_pipeline=None, system_lib=library.system_lib)
+    _export(executable, output, preset, library)
+    return CompileResult(
+        output,
+        preset.name,
+        time.perf_counter() - start,
+        metadata,
+        prefix if library.system_lib else "",
+        on_device,
+        device_source(executable),
+    )
 
 
-def _export(executable: relax.VMExecutable, output: Path, preset: TargetPreset) -> None:
+def check_all_on_device(mod: tvm.IRModule, preset: TargetPreset) -> None:
+    left = functions_left_on_host(mod)
+    if left:
+        raise MegrezError(
+            f"{len(left)} operators got no {preset.name} schedule and would run on the host CPU "
+            f"({', '.join(left)}); this is a bug in megrez-mlc's GPU schedules, please report it"
+        )
+
+
+def device_source(executable: relax.VMExecutable) -> str:
+    """The kernels' source code (CUDA C, OpenCL C, Metal, WGSL), "" when there is no device module."""
+    pending = list(executable.mod.imports)
+    while pending:
+        module = pending.pop()
+        if module.kind not in ("llvm", "c", "static_library"):
+            return module.inspect_source("")
+        pending.extend(module.imports)
+    return ""
+
+
+def _export(
+    executable: relax.VMExecutable, output: Path, preset: TargetPreset, library: LibraryOutput
+) -> None:
     """Write the library beside its final path, then rename: a failed build leaves nothing behind."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         partial = Path(tmp) / output.name
         try:
-            preset.export(executable, partial)
+            if library.link is None:
+                executable.export_library(str(partial))
+            else:
+                executable.export_library(str(partial), fcompile=library.link)
         except Exception as err:  # linker and toolchain failures surface as assorted TVM/OS errors
             raise MegrezError(f"could not write {output} for target {preset.name}: {err}") from None
         os.replace(partial, output)

@@ -57,16 +57,19 @@ def planned_memory_bytes(mod: tvm.IRModule) -> dict[str, int]:
 
 @tvm.transform.module_pass(opt_level=0, name="AttachMetadata")
 class AttachMetadata:
-    """Add `_metadata() -> str`, a JSON string MLC's engine reads (memory usage filled in here)."""
+    """Add `_metadata() -> str`, a JSON string MLC's engine reads.
+
+    Memory usage is filled in here, into the caller's dict too: a library for another machine cannot be
+    loaded to ask, and `package` needs it to estimate the memory a phone must have."""
 
     def __init__(self, metadata: dict[str, Any]) -> None:
         self.metadata = metadata
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        metadata = {**self.metadata, "memory_usage": planned_memory_bytes(mod)}
+        self.metadata["memory_usage"] = planned_memory_bytes(mod)
         bb = relax.BlockBuilder()
         with bb.function("_metadata", params=[]):
-            bb.emit_func_output(tvm.ir.StringImm(json.dumps(metadata)))
+            bb.emit_func_output(tvm.ir.StringImm(json.dumps(self.metadata)))
         mod = mod.clone() if hasattr(mod, "clone") else mod
         mod["_metadata"] = bb.finalize()["_metadata"]
         return mod
