@@ -53,7 +53,8 @@ class ChatSession:
         head, tail = self.conversation.message_parts("assistant")
         if head != self.conversation.generation_prompt():
             raise MegrezError(
-                f"conversation template {self.conversation.name!r}: answers cannot keep their ids"
+                f"conversation template {self.conversation.name!r} starts an assistant message differently "
+                "from its generation prompt, so a chat session cannot keep answers as generated"
             )
         self._generation_prompt_ids = encode(head)
         self._answer_end_ids = encode(tail)

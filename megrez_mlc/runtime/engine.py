@@ -23,18 +23,6 @@ from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (stop token or string) or "length"
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)}
-
-
-@dataclass
 class GenerationStats:
     """Where one generation's time went: the prefill call(s) over its new prompt tokens, then one decode
     call per further token (model time; sampling and detokenization not included)."""
@@ -61,6 +49,19 @@ class GenerationStats:
             f"prefill: {self.prefill_tokens} tok, {self.prefill_tokens_per_s:.1f} tok/s; "
             f"decode: {self.decode_tokens} tok, {self.decode_tokens_per_s:.1f} tok/s"
         )
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)}
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Engine:
             if delta.finish_reason is not None:
                 r = requests[delta.index]
                 results[delta.index] = GenerationResult(
-                    texts[delta.index], r.output_ids, len(r.prompt_ids), delta.finish_reason
+                    texts[delta.index], r.output_ids, len(r.prompt_ids), delta.finish_reason, r.stats
                 )
         return results  # type: ignore[return-value]
 
