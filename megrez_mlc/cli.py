@@ -311,6 +311,51 @@ def generate_cmd(
     click.echo()
 
 
+@main.command("chat")
+@click.argument("model")
+@click.option(
+    "--model-lib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Library from `megrez-mlc compile` (default: compiled on first use into $MEGREZ_MLC_HOME).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal...")
+@click.option(
+    "--quantization",
+    "-q",
+    default=None,
+    help="For a Hugging Face checkpoint: weight format (default: q4f32_1 on CPU, q4f16_1 on GPUs).",
+)
+@click.option("--system", default=None, help="System prompt (default: Megrez's).")
+@click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (default: the model's).")
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest answer.")
+@_report_errors
+def chat_cmd(
+    model: str,
+    model_lib: Path | None,
+    device: str,
+    quantization: str | None,
+    system: str | None,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int,
+) -> None:
+    """Chat in the terminal. MODEL: a converted folder, a Hugging Face checkpoint folder, or HF://org/name."""
+    from .chat_repl import run_chat
+
+    run_chat(
+        model,
+        model_lib=model_lib,
+        device=device,
+        quantization=quantization,
+        system=system,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+    )
+
+
 @main.command("demo")
 @click.option(
     "--workdir",

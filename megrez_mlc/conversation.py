@@ -61,14 +61,22 @@ class Conversation:
         message = self.system_message if system_message is None else system_message
         return self.system_template.replace("{system_message}", message)
 
-    def render_message(self, role: str, content: str) -> str:
-        if role == "system":
-            return self.render_system(content)
+    def message_parts(self, role: str) -> tuple[str, str]:
+        """The text before and after a message's content: render_message is before + content + after.
+
+        A chat session tokenizes these apart from the content, so an answer keeps the token ids it was
+        generated as."""
         if role not in self.roles:
             raise MegrezError(f"unknown chat role {role!r}; use one of: system, {', '.join(self.roles)}")
         placeholder = f"{{{role}_message}}"
-        body = self.role_templates.get(role, placeholder).replace(placeholder, content)
-        return self.roles[role] + self.role_content_sep + body + self.seps[0]
+        before, _, after = self.role_templates.get(role, placeholder).partition(placeholder)
+        return self.roles[role] + self.role_content_sep + before, after + self.seps[0]
+
+    def render_message(self, role: str, content: str) -> str:
+        if role == "system":
+            return self.render_system(content)
+        before, after = self.message_parts(role)
+        return before + content + after
 
     def generation_prompt(self, role: str = "assistant") -> str:
         return self.roles[role] + self.role_empty_sep
@@ -76,7 +84,9 @@ class Conversation:
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """OpenAI-style messages to the prompt text, as the model's chat template renders them."""
         parts = []
-        if not messages or messages[0]["role"] != "system":
+        # As in Megrez's Jinja template: the default system message goes before a first message that is
+        # not a system message (and an empty conversation renders without one).
+        if messages and messages[0]["role"] != "system":
             parts.append(self.render_system())
         parts += [self.render_message(m["role"], m["content"]) for m in messages]
         if add_generation_prompt:
@@ -113,13 +123,14 @@ def get_template(name: str, stop_token_ids: list[int] | None = None) -> Conversa
         ) from None
 
 
-# The Jinja chat template a Megrez tokenizer_config.json carries (DESIGN.md §3); used by the demo checkpoint.
+# The Jinja chat template in Megrez-3B-Instruct's tokenizer_config.json, verbatim (DESIGN.md §3); the demo
+# checkpoint carries it, and the tests check `Conversation.render` against transformers running it.
 MEGREZ_JINJA_TEMPLATE = (
-    "{%- if messages[0]['role'] != 'system' -%}"
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|role_start|>system<|role_end|>" + MEGREZ_DEFAULT_SYSTEM + "<|turn_end|>' }}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
+    "{% endif %}"
     "{{ '<|role_start|>' + message['role'] + '<|role_end|>' + message['content'] + '<|turn_end|>' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|role_start|>assistant<|role_end|>' }}{%- endif -%}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|role_start|>assistant<|role_end|>' }}{% endif %}"
 )

@@ -1,6 +1,15 @@
-"""Load a converted model and its compiled library; generate text."""
+"""Load a converted model and its compiled library; generate text and hold conversations."""
 
-from .engine import Engine, GenerationResult, StreamDelta
+from .chat import ChatMessage, ChatSession
+from .engine import Engine, GenerationResult, GenerationStats, StreamDelta
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "GenerationResult", "SamplingParams", "StreamDelta"]
+__all__ = [
+    "ChatMessage",
+    "ChatSession",
+    "Engine",
+    "GenerationResult",
+    "GenerationStats",
+    "SamplingParams",
+    "StreamDelta",
+]

@@ -6,6 +6,7 @@ together, one token each step, until each hits a stop token, a stop string or it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,41 @@ from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass
+class GenerationStats:
+    """Where one generation's time went: the prefill call(s) over its new prompt tokens, then one decode
+    call per further token (model time; sampling and detokenization not included)."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    @staticmethod
+    def _rate(tokens: int, seconds: float) -> float:
+        return tokens / seconds if seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self._rate(self.prefill_tokens, self.prefill_seconds)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self._rate(self.decode_tokens, self.decode_seconds)
+
+    def __str__(self) -> str:
+        return (
+            f"prefill: {self.prefill_tokens} tok, {self.prefill_tokens_per_s:.1f} tok/s; "
+            f"decode: {self.decode_tokens} tok, {self.decode_tokens_per_s:.1f} tok/s"
+        )
+
+
+@dataclass
 class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: str  # "stop" (stop token or string) or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -88,9 +119,11 @@ class _Request:
     rng: np.random.Generator
     detokenizer: StreamingDetokenizer
     stops: _StopStringMatcher
-    seq_id: int = -1
+    seq_id: int = -1  # -1: the run adds a sequence for it and removes it at the end
+    cached: int = 0  # leading prompt tokens already in that sequence's KV cache (a chat's earlier turns)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 class Engine:
@@ -157,7 +190,7 @@ class Engine:
             if delta.finish_reason is not None:
                 r = requests[delta.index]
                 results[delta.index] = GenerationResult(
-                    texts[delta.index], r.output_ids, len(r.prompt_ids), delta.finish_reason
+                    texts[delta.index], r.output_ids, len(r.prompt_ids), delta.finish_reason, r.stats
                 )
         return results  # type: ignore[return-value]
 
@@ -165,46 +198,81 @@ class Engine:
         """Text deltas of one completion as they are decoded; the last one carries finish_reason."""
         yield from self._run(self._make_requests([prompt], params))
 
+    def chat(
+        self, messages: list[dict[str, str]], stream: bool = True, **sampling: Any
+    ) -> Iterator[str] | str:
+        """Answer a conversation of OpenAI-style messages ({"role", "content"}; a first system message
+        replaces the default one): the reply's text deltas as they are decoded, or the whole reply with
+        stream=False. Unset sampling settings take the model's. Each call starts from an empty KV cache;
+        a `ChatSession` keeps it between turns."""
+        from .chat import ChatSession
+
+        session = ChatSession(self, **sampling)
+        session.load(messages)
+
+        def deltas() -> Iterator[str]:
+            with session:
+                yield from session.respond()
+
+        return deltas() if stream else "".join(deltas())
+
     def _make_requests(self, prompts: list[str | list[int]], params: SamplingParams | None) -> list[_Request]:
         params = params or self.default_sampling()
-        requests = []
-        for index, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if not ids:
-                raise MegrezError("the prompt is empty; give at least one token")
-            if len(ids) >= self.context_window_size:
-                raise MegrezError(
-                    f"the prompt has {len(ids)} tokens but the context window is {self.context_window_size}; "
-                    "shorten it or compile with a larger --context-window-size"
-                )
-            seed = None if params.seed is None else params.seed + index
-            requests.append(
-                _Request(
-                    index,
-                    ids,
-                    params,
-                    np.random.default_rng(seed),
-                    StreamingDetokenizer(self.tokenizer),
-                    _StopStringMatcher(params.stop),
-                )
+        return [self._request(prompt, params, index) for index, prompt in enumerate(prompts)]
+
+    def _request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        index: int = 0,
+        seq_id: int = -1,
+        cached: int = 0,
+    ) -> _Request:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise MegrezError("the prompt is empty; give at least one token")
+        if len(ids) >= self.context_window_size:
+            raise MegrezError(
+                f"the prompt has {len(ids)} tokens but the context window is {self.context_window_size}; "
+                "shorten it or compile with a larger --context-window-size"
             )
-        return requests
+        seed = None if params.seed is None else params.seed + index
+        return _Request(
+            index,
+            ids,
+            params,
+            np.random.default_rng(seed),
+            StreamingDetokenizer(self.tokenizer),
+            _StopStringMatcher(params.stop),
+            seq_id=seq_id,
+            cached=cached,
+        )
 
     def _run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
         model = self.model
+        owned = [r for r in requests if r.seq_id < 0]
         try:
-            for r in requests:
+            for r in owned:
                 r.seq_id = model.add_sequence()
-            logits = model.prefill([r.seq_id for r in requests], [r.prompt_ids for r in requests])
+            start = time.perf_counter()
+            logits = model.prefill([r.seq_id for r in requests], [r.prompt_ids[r.cached :] for r in requests])
+            elapsed = time.perf_counter() - start
+            for r in requests:
+                r.stats.prefill_tokens, r.stats.prefill_seconds = len(r.prompt_ids) - r.cached, elapsed
             active = requests
             while active:
                 for r, row in zip(active, logits):
                     yield self._step(r, row)
                 active = [r for r in active if r.finish_reason is None]
                 if active:
+                    start = time.perf_counter()
                     logits = model.decode([r.seq_id for r in active], [r.output_ids[-1] for r in active])
+                    elapsed = time.perf_counter() - start
+                    for r in active:
+                        r.stats.decode_tokens += 1
+                        r.stats.decode_seconds += elapsed
         finally:
-            for r in requests:
+            for r in owned:
                 if r.seq_id in model.sequence_lengths:
                     model.remove_sequence(r.seq_id)
 

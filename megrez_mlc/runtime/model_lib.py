@@ -1,7 +1,7 @@
 """A loaded model library plus its weights: the functions of MLC's engine ABI, called from Python.
 
 This is the thin layer over TVM's VM and the paged KV cache: sequences in, float32 logits out. Sampling,
-stopping and text live in generation.py.
+stopping and text live in engine.py.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class ModelLibrary:
                 "kv_state_clear",
                 "attention_kv_cache_get_num_available_pages",
                 "attention_kv_cache_get_total_sequence_length",
+                "attention_kv_cache_get_sequence_length",
             )
         }
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
@@ -153,6 +154,18 @@ class ModelLibrary:
         if count:
             self._kv["kv_state_popn"](self.kv_cache, seq_id, count)
             self.sequence_lengths[seq_id] -= count
+
+    def truncate_sequence(self, seq_id: int, length: int) -> None:
+        """Keep the first `length` tokens of a sequence in the cache (at most the recorded length).
+
+        Also repairs a forward pass cut short by an exception (Ctrl-C): begin_forward has already grown
+        the cache's own count, but `sequence_lengths` only counts tokens of passes that completed, so the
+        cache is cut back to what is known to be written."""
+        in_cache = self._kv["attention_kv_cache_get_sequence_length"](self.kv_cache, seq_id)
+        keep = min(length, self.sequence_lengths[seq_id])
+        if in_cache > keep:
+            self._kv["kv_state_popn"](self.kv_cache, seq_id, in_cache - keep)
+        self.sequence_lengths[seq_id] = keep
 
     def clear(self) -> None:
         self._kv["kv_state_clear"](self.kv_cache)
