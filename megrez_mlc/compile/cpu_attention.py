@@ -144,3 +144,371 @@ def paged_decode_attention_cpu(
                     lse[b, kv_head * group + g] = running_max[g] + T.log2(running_sum[g])
 
     return batch_decode_paged_kv_cpu
+
+
+# --- prefill ------------------------------------------------------------------------------------------------
+#
+# TVM's CPU prefill kernels are reference loops too: one query head and one key at a time, and the paged
+# one walks the *whole page pool* (max_num_pages * page_size rows) for every query, whatever the sequence
+# length, while reading `scale_O[d]` past its one-element buffer. These two replace them (same signatures)
+# with a blocked online softmax: a tile of QUERY_BLOCK positions x the GQA group's heads against blocks of
+# KEY_BLOCK keys, the keys transposed once per block so both products are vector FMAs over 16 lanes.
+
+QUERY_BLOCK = 4  # query positions per tile; with 4 query heads per KV head, 16 rows of 64-wide accumulators
+KEY_BLOCK = 16
+MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
+
+# 2**f = e**(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)**k / k! to k = 6 (relative error < 2e-7).
+_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
+
+
+def _fast_exp2(x):
+    """2**x for x >= -126 in float32: round to the nearest integer n, polynomial in the rest, 2**n from
+    the exponent bits. Vectorizes, unlike a call into libm's exp2f."""
+    n = T.nearbyint(x)
+    f = x - n
+    c = _EXP2_TAYLOR
+    poly = T.float32(c[0]) + f * (
+        T.float32(c[1])
+        + f
+        * (
+            T.float32(c[2])
+            + f * (T.float32(c[3]) + f * (T.float32(c[4]) + f * (T.float32(c[5]) + f * T.float32(c[6]))))
+        )
+    )
+    return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+
+
+def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
+    rows = QUERY_BLOCK * group
+
+    @T.macro
+    def load_queries(q, q_tile, first_row, q_count, kv_head, scale):
+        """q_tile[r, :] = q[query, head, :] * scale for row r = (query in tile) * group + (head in group)."""
+        for r in T.serial(rows):
+            query: T.let[T.int32] = T.min(r // group, q_count - 1)
+            for d in T.vectorized(head_dim):
+                q_tile[r, d] = T.Cast("float32", q[first_row + query, kv_head * group + r % group, d]) * scale
+
+    @T.macro
+    def attend(
+        q_tile,
+        k_t,
+        v_block,
+        acc,
+        row_max,
+        row_sum,
+        scores,
+        key_first,
+        key_count,
+        query_first,
+        kv_len,
+        qo_len,
+        causal,
+    ):
+        """Online-softmax update of the tile's rows with one block of keys (k_t is [head_dim, KEY_BLOCK])."""
+        for r in T.serial(rows):
+            query: T.let[T.int32] = query_first + r // group
+            last_visible: T.let[T.int32] = T.if_then_else(causal > 0, kv_len - qo_len + query, kv_len - 1)
+            for j in T.vectorized(KEY_BLOCK):
+                scores[j] = T.float32(0)
+            for d in T.serial(head_dim):
+                for j in T.vectorized(KEY_BLOCK):
+                    scores[j] = scores[j] + q_tile[r, d] * k_t[d, j]
+            for j in T.vectorized(KEY_BLOCK):
+                scores[j] = T.if_then_else(
+                    (j < key_count) & (key_first + j <= last_visible), scores[j], T.float32(MASKED)
+                )
+            block_max: T.let[T.float32] = T.max(
+                row_max[r],
+                T.max(
+                    T.max(
+                        T.max(T.max(scores[0], scores[1]), T.max(scores[2], scores[3])),
+                        T.max(T.max(scores[4], scores[5]), T.max(scores[6], scores[7])),
+                    ),
+                    T.max(
+                        T.max(T.max(scores[8], scores[9]), T.max(scores[10], scores[11])),
+                        T.max(T.max(scores[12], scores[13]), T.max(scores[14], scores[15])),
+                    ),
+                ),
+            )
+            rescale: T.let[T.float32] = _fast_exp2(T.max(row_max[r] - block_max, T.float32(-126)))
+            for j in T.vectorized(KEY_BLOCK):
+                scores[j] = _fast_exp2(T.max(scores[j] - block_max, T.float32(-126)))
+            row_max[r] = block_max
+            row_sum[r] = row_sum[r] * rescale + (
+                ((scores[0] + scores[1]) + (scores[2] + scores[3]))
+                + ((scores[4] + scores[5]) + (scores[6] + scores[7]))
+                + ((scores[8] + scores[9]) + (scores[10] + scores[11]))
+                + ((scores[12] + scores[13]) + (scores[14] + scores[15]))
+            )
+            for d in T.vectorized(head_dim):
+                acc[r, d] = acc[r, d] * rescale
+            for j in T.serial(KEY_BLOCK):
+                for d in T.vectorized(head_dim):
+                    acc[r, d] = acc[r, d] + scores[j] * v_block[j, d]
+
+    @T.macro
+    def store(output, lse, acc, row_max, row_sum, first_row, q_count, kv_head):
+        for r in T.serial(rows):
+            if r // group < q_count:
+                for d in T.vectorized(head_dim):
+                    output[first_row + r // group, kv_head * group + r % group, d] = T.Cast(
+                        dtype, acc[r, d] / row_sum[r]
+                    )
+                lse[first_row + r // group, kv_head * group + r % group] = row_max[r] + T.log2(row_sum[r])
+
+    return load_queries, attend, store
+
+
+def _interleaved_tile(task: int, tiles: int):
+    """Tiles in the order 0, n-1, 1, n-2, ...: with a causal mask later tiles cost more, and TVM hands each
+    thread a contiguous range of tasks, so interleaving balances the threads."""
+    return T.if_then_else(task % 2 == 0, task // 2, tiles - 1 - task // 2)
+
+
+def ragged_prefill_attention_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str):
+    """TIR function with the signature of TVM's `batch_prefill_ragged_kv` (CPU): the new tokens' own
+    queries, keys and values, ragged over the batch."""
+    group = num_qo_heads // num_kv_heads
+    rows = QUERY_BLOCK * group
+    load_queries, attend, store = _prefill_tile_macros(group, head_dim, dtype)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_ragged_kv(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        kv_indptr_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr(
+            {"tirx.is_scheduled": True, "tirx.noalias": True, "global_symbol": "batch_prefill_ragged_kv"}
+        )
+        batch = T.int32()
+        qo_total = T.int32()
+        kv_total = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(q_handle, (qo_total, num_qo_heads, head_dim), dtype)
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        k = T.match_buffer(k_handle, (kv_total, num_kv_heads, head_dim), dtype)
+        v = T.match_buffer(v_handle, (kv_total, num_kv_heads, head_dim), dtype)
+        kv_indptr = T.match_buffer(kv_indptr_handle, (batch + 1,), "int32", elem_offset=kv_indptr_offset)
+        q_rope_position = T.match_buffer(
+            q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset
+        )
+        k_rope_pos_offset = T.match_buffer(
+            k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset
+        )
+        output = T.match_buffer(output_handle, (qo_total, num_qo_heads, head_dim), dtype)
+        lse = T.match_buffer(lse_handle, (qo_total, num_qo_heads), "float32")
+
+        assert rotary_mode == 0, "megrez-mlc's CPU prefill attention expects RoPE applied before attention"
+        for b in T.serial(batch):
+            with T.sblock("sequence"):
+                T.reads()
+                T.writes()
+                qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                kv_len: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                tiles: T.let[T.int32] = (qo_len + QUERY_BLOCK - 1) // QUERY_BLOCK
+                for task in T.parallel(num_kv_heads * tiles):
+                    with T.sblock("tile"):
+                        T.reads()
+                        T.writes()
+                        kv_head: T.let[T.int32] = task // tiles
+                        tile: T.let[T.int32] = _interleaved_tile(task % tiles, tiles)
+                        query_first: T.let[T.int32] = tile * QUERY_BLOCK
+                        q_count: T.let[T.int32] = T.min(QUERY_BLOCK, qo_len - query_first)
+                        q_tile = T.sblock_alloc_buffer((rows, head_dim), "float32")
+                        acc = T.sblock_alloc_buffer((rows, head_dim), "float32")
+                        row_max = T.sblock_alloc_buffer((rows,), "float32")
+                        row_sum = T.sblock_alloc_buffer((rows,), "float32")
+                        k_t = T.sblock_alloc_buffer((head_dim, KEY_BLOCK), "float32")
+                        v_block = T.sblock_alloc_buffer((KEY_BLOCK, head_dim), "float32")
+                        scores = T.sblock_alloc_buffer((KEY_BLOCK,), "float32")
+                        load_queries(
+                            q,
+                            q_tile,
+                            q_indptr[b] + query_first,
+                            q_count,
+                            kv_head,
+                            sm_scale * T.float32(LOG2_E),
+                        )
+                        for r in T.serial(rows):
+                            row_max[r] = T.float32(MASKED)
+                            row_sum[r] = T.float32(1)
+                            for d in T.vectorized(head_dim):
+                                acc[r, d] = T.float32(0)
+                        # keys past the tile's last query are never visible under the causal mask
+                        visible: T.let[T.int32] = T.if_then_else(
+                            causal > 0, T.min(kv_len, kv_len - qo_len + query_first + q_count), kv_len
+                        )
+                        for block in T.serial((visible + KEY_BLOCK - 1) // KEY_BLOCK):
+                            key_first: T.let[T.int32] = block * KEY_BLOCK
+                            key_count: T.let[T.int32] = T.min(KEY_BLOCK, visible - key_first)
+                            for j in T.serial(KEY_BLOCK):
+                                key: T.let[T.int32] = kv_indptr[b] + key_first + T.min(j, key_count - 1)
+                                for d in T.serial(head_dim):
+                                    k_t[d, j] = T.Cast("float32", k[key, kv_head, d])
+                                for d in T.vectorized(head_dim):
+                                    v_block[j, d] = T.Cast("float32", v[key, kv_head, d])
+                            attend(
+                                q_tile,
+                                k_t,
+                                v_block,
+                                acc,
+                                row_max,
+                                row_sum,
+                                scores,
+                                key_first,
+                                key_count,
+                                query_first,
+                                kv_len,
+                                qo_len,
+                                causal,
+                            )
+                        store(output, lse, acc, row_max, row_sum, q_indptr[b] + query_first, q_count, kv_head)
+
+    return batch_prefill_ragged_kv
+
+
+def paged_prefill_attention_cpu(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16
+):
+    """TIR function with the signature of TVM's `batch_prefill_paged_kv_cpu` (no sliding window): the new
+    tokens' queries against the keys and values already in the cache's pages."""
+    assert page_size == KEY_BLOCK, "one key block is one page"
+    group = num_qo_heads // num_kv_heads
+    rows = QUERY_BLOCK * group
+    load_queries, attend, store = _prefill_tile_macros(group, head_dim, dtype)
+
+    @T.prim_func(s_tir=True)
+    def batch_prefill_paged_kv_cpu(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr(
+            {"tirx.is_scheduled": True, "tirx.noalias": True, "global_symbol": "batch_prefill_paged_kv_cpu"}
+        )
+        batch = T.int32()
+        qo_total = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        length_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        q = T.match_buffer(q_handle, (qo_total, num_qo_heads, head_dim), dtype)
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, num_kv_heads, page_size, head_dim), dtype)
+        page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
+        k_rope_pos_offset = T.match_buffer(
+            k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset
+        )
+        q_rope_position = T.match_buffer(
+            q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset
+        )
+        output = T.match_buffer(output_handle, (qo_total, num_qo_heads, head_dim), dtype)
+        lse = T.match_buffer(lse_handle, (qo_total, num_qo_heads), "float32")
+
+        assert rotary_mode == 0, "megrez-mlc's CPU prefill attention expects RoPE applied before attention"
+        for b in T.serial(batch):
+            with T.sblock("sequence"):
+                T.reads()
+                T.writes()
+                qo_len: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                first_page: T.let[T.int32] = page_indptr[b]
+                num_pages: T.let[T.int32] = page_indptr[b + 1] - first_page
+                kv_len: T.let[T.int32] = T.if_then_else(
+                    num_pages > 0, (num_pages - 1) * page_size + last_page_len[b], 0
+                )
+                tiles: T.let[T.int32] = (qo_len + QUERY_BLOCK - 1) // QUERY_BLOCK
+                for task in T.parallel(num_kv_heads * tiles):
+                    with T.sblock("tile"):
+                        T.reads()
+                        T.writes()
+                        kv_head: T.let[T.int32] = task // tiles
+                        tile: T.let[T.int32] = _interleaved_tile(task % tiles, tiles)
+                        query_first: T.let[T.int32] = tile * QUERY_BLOCK
+                        q_count: T.let[T.int32] = T.min(QUERY_BLOCK, qo_len - query_first)
+                        q_tile = T.sblock_alloc_buffer((rows, head_dim), "float32")
+                        acc = T.sblock_alloc_buffer((rows, head_dim), "float32")
+                        row_max = T.sblock_alloc_buffer((rows,), "float32")
+                        row_sum = T.sblock_alloc_buffer((rows,), "float32")
+                        k_t = T.sblock_alloc_buffer((head_dim, KEY_BLOCK), "float32")
+                        v_block = T.sblock_alloc_buffer((KEY_BLOCK, head_dim), "float32")
+                        scores = T.sblock_alloc_buffer((KEY_BLOCK,), "float32")
+                        load_queries(
+                            q,
+                            q_tile,
+                            q_indptr[b] + query_first,
+                            q_count,
+                            kv_head,
+                            sm_scale * T.float32(LOG2_E),
+                        )
+                        for r in T.serial(rows):
+                            row_max[r] = T.float32(MASKED)
+                            row_sum[r] = T.float32(1)
+                            for d in T.vectorized(head_dim):
+                                acc[r, d] = T.float32(0)
+                        visible: T.let[T.int32] = T.if_then_else(
+                            causal > 0,
+                            T.max(T.min(kv_len, kv_len - qo_len + query_first + q_count), 0),
+                            kv_len,
+                        )
+                        for page in T.serial((visible + page_size - 1) // page_size):
+                            page_no: T.let[T.int32] = page_values[first_page + page]
+                            key_count: T.let[T.int32] = T.min(page_size, visible - page * page_size)
+                            for j in T.serial(page_size):
+                                row: T.let[T.int32] = T.min(j, key_count - 1)
+                                for d in T.serial(head_dim):
+                                    k_t[d, j] = T.Cast("float32", pages[page_no, 0, kv_head, row, d])
+                                for d in T.vectorized(head_dim):
+                                    v_block[j, d] = T.Cast("float32", pages[page_no, 1, kv_head, row, d])
+                            attend(
+                                q_tile,
+                                k_t,
+                                v_block,
+                                acc,
+                                row_max,
+                                row_sum,
+                                scores,
+                                page * page_size,
+                                key_count,
+                                query_first,
+                                kv_len,
+                                qo_len,
+                                causal,
+                            )
+                        store(output, lse, acc, row_max, row_sum, q_indptr[b] + query_first, q_count, kv_head)
+
+    return batch_prefill_paged_kv_cpu

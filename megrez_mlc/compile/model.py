@@ -18,8 +18,7 @@ from tvm.target import Target
 from ..config import ModelConfig
 from ..quantize.group_quant import quantized_shapes
 from ..quantize.schemes import QuantScheme
-from . import ops
-from .cpu_attention import paged_decode_attention_cpu
+from . import cpu_attention, ops
 
 
 def _is_single_token(x: Tensor) -> bool:
@@ -137,15 +136,23 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-def _use_fast_cpu_decode_attention(config: ModelConfig, dtype: str) -> None:
-    """Swap TVM's serial CPU decode-attention kernel for ours (same signature; see cpu_attention.py)."""
+# TVM's CPU attention kernels (serial reference loops) and the faster ones with their signatures.
+FAST_CPU_ATTENTION = {
+    "batch_decode_paged_kv_cpu": cpu_attention.paged_decode_attention_cpu,
+    "batch_prefill_ragged_kv": cpu_attention.ragged_prefill_attention_cpu,
+    "batch_prefill_paged_kv_cpu": cpu_attention.paged_prefill_attention_cpu,
+}
+
+
+def _use_fast_cpu_attention(config: ModelConfig, dtype: str) -> None:
+    """Swap TVM's CPU attention kernels in the module being built for ours (see cpu_attention.py)."""
     bb = rx.BlockBuilder.current()
     for gvar, func in bb.get().functions_items():
-        if func.attrs and func.attrs.get("global_symbol") == "batch_decode_paged_kv_cpu":
-            kernel = paged_decode_attention_cpu(
-                config.num_key_value_heads, config.num_attention_heads, config.head_dim, dtype
+        factory = FAST_CPU_ATTENTION.get(func.attrs.get("global_symbol") if func.attrs else None)
+        if factory is not None:
+            bb.update_func(
+                gvar, factory(config.num_key_value_heads, config.num_attention_heads, config.head_dim, dtype)
             )
-            bb.update_func(gvar, kernel)
 
 
 class MegrezForCausalLM(nn.Module):
@@ -229,7 +236,7 @@ class MegrezForCausalLM(nn.Module):
             target=self.target,
         )
         if self.target.kind.name == "llvm":
-            _use_fast_cpu_decode_attention(c, self.dtype)
+            _use_fast_cpu_attention(c, self.dtype)
         return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
