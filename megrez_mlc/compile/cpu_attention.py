@@ -64,10 +64,10 @@ def paged_decode_attention_cpu(
         page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
-        k_rope_pos_offset = T.match_buffer(
+        k_rope_pos_offset = T.match_buffer(  # noqa: F841 (the runtime passes it; RoPE is applied before the cache)
             k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset
         )
-        q_rope_position = T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
+        q_rope_position = T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)  # noqa: F841
         output = T.match_buffer(output_handle, (batch, num_qo_heads, head_dim), dtype)
         lse = T.match_buffer(lse_handle, (batch, num_qo_heads), "float32")
 
@@ -306,10 +306,10 @@ def ragged_prefill_attention_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
         k = T.match_buffer(k_handle, (kv_total, num_kv_heads, head_dim), dtype)
         v = T.match_buffer(v_handle, (kv_total, num_kv_heads, head_dim), dtype)
         kv_indptr = T.match_buffer(kv_indptr_handle, (batch + 1,), "int32", elem_offset=kv_indptr_offset)
-        q_rope_position = T.match_buffer(
+        q_rope_position = T.match_buffer(  # noqa: F841 (the runtime passes it; RoPE is applied before the cache)
             q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset
         )
-        k_rope_pos_offset = T.match_buffer(
+        k_rope_pos_offset = T.match_buffer(  # noqa: F841 (the runtime passes it; RoPE is applied before the cache)
             k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset
         )
         output = T.match_buffer(output_handle, (qo_total, num_qo_heads, head_dim), dtype)
@@ -431,10 +431,10 @@ def paged_prefill_attention_cpu(
         page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
-        k_rope_pos_offset = T.match_buffer(
+        k_rope_pos_offset = T.match_buffer(  # noqa: F841 (the runtime passes it; RoPE is applied before the cache)
             k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset
         )
-        q_rope_position = T.match_buffer(
+        q_rope_position = T.match_buffer(  # noqa: F841 (the runtime passes it; RoPE is applied before the cache)
             q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset
         )
         output = T.match_buffer(output_handle, (qo_total, num_qo_heads, head_dim), dtype)
