@@ -356,6 +356,56 @@ def chat_cmd(
     )
 
 
+@main.command("bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@_model_lib_option
+@click.option("--prompt-len", type=int, default=128, show_default=True, help="Prompt tokens per sequence.")
+@click.option("--gen-len", type=int, default=128, show_default=True, help="Generated tokens per sequence.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the physical cores).")
+@click.option("--runs", type=int, default=3, show_default=True, help="Measured runs (the median is shown).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
+@_report_errors
+def bench_cmd(
+    model: Path,
+    model_lib: Path,
+    device: str,
+    prompt_len: int,
+    gen_len: int,
+    batch: int,
+    threads: int | None,
+    runs: int,
+    as_json: bool,
+) -> None:
+    """Measure prefill and decode speed (random prompts, greedy decoding)."""
+    from .runtime.bench import run_bench
+
+    result = run_bench(
+        model,
+        model_lib,
+        device=device,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        batch=batch,
+        threads=threads,
+        runs=runs,
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    click.echo(
+        f"{model} on {device}, {result.threads} threads; prompt {prompt_len} tok, generate {gen_len} "
+        f"tok, batch {batch}; median of {runs} runs"
+    )
+    for label, value in (
+        ("prefill", f"{result.prefill_tok_s:8.1f} tok/s"),
+        ("decode", f"{result.decode_tok_s:8.1f} tok/s"),
+        ("time to first token", f"{result.ttft_ms:8.0f} ms"),
+        ("peak RSS", f"{result.peak_rss_mb:8.0f} MB"),
+    ):
+        click.echo(f"  {label:<20}{value}")
+
+
 @main.command("demo")
 @click.option(
     "--workdir",

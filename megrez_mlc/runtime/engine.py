@@ -138,6 +138,7 @@ class Engine:
         max_batch_size: int = 8,
         max_total_seq_len: int | None = None,
         prefill_chunk_size: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model_dir, self.chat_config = read_chat_config(Path(model_dir))
         self.tokenizer = Tokenizer(self.model_dir)
@@ -148,6 +149,7 @@ class Engine:
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
+            threads=threads,
         )
         self.conversation = Conversation.from_json(self.chat_config["conv_template"])
 

@@ -17,6 +17,7 @@ from tvm.runtime import ShapeTuple
 
 from ..errors import MegrezError
 from ..quantize.tensor_cache import check_shard_sizes, read_index, tensor_records
+from .threads import configure_threads
 
 PAGE_SIZE = 16
 DEVICE_NAMES = ("cpu", "cuda", "metal", "rocm", "vulkan", "opencl")
@@ -67,9 +68,11 @@ class ModelLibrary:
         max_batch_size: int = 8,
         max_total_seq_len: int | None = None,
         prefill_chunk_size: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if not Path(model_lib).is_file():
             raise MegrezError(f"model library {model_lib} not found; build it with `megrez-mlc compile`")
+        self.threads = configure_threads(threads)
         self.device = open_device(device)
         try:
             self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(model_lib)), self.device)
