@@ -1,0 +1,224 @@
+"""megrez-mlc against llama.cpp on this CPU: the full Megrez-3B shape, the same random weights, one run.
+
+    python benchmarks/cpu_vs_llamacpp.py [--threads 2] [--rounds 3] [--prompt-len 128] [--gen-len 128]
+                                         [--contexts 2048,8192] [--cache-dir DIR]
+
+Builds and caches (under $MEGREZ_MLC_HOME/bench, or --cache-dir): a random bf16 Megrez-3B-shaped
+checkpoint, its megrez-mlc conversions (q4f32_1, q4f16_1) and CPU libraries, an F16 GGUF of the same
+weights quantized by llama.cpp to Q4_0 and Q4_K_M, and llama.cpp itself (llama-cpp-python from PyPI, built
+from source on first use; the build time is printed). Then, with the same thread count, prompt and output
+lengths, it measures the engines in turn, round after round (A B C D A B C D ...), so drift of a shared
+machine hits all alike, and prints the medians, the ratios to llama.cpp Q4_K_M, the memory-bandwidth bound
+measured in the same run, and decode speed after long contexts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bandwidth import read_bandwidth_gb_s  # noqa: E402
+from fullsize import ensure_checkpoint  # noqa: E402
+from llamacpp_gguf import quantize_gguf, write_f16_gguf  # noqa: E402
+
+from megrez_mlc.home import megrez_home  # noqa: E402
+from megrez_mlc.runtime.threads import configure_threads  # noqa: E402
+
+OUR_QUANTIZATIONS = ("q4f32_1", "q4f16_1")
+LLAMA_QUANTIZATIONS = ("Q4_0", "Q4_K_M")
+REFERENCE = "llama.cpp Q4_K_M"
+
+
+@dataclass
+class Engine:
+    """One model under test: `prefill(tokens)` then `decode(token)` calls, `reset()` between runs."""
+
+    name: str
+    weight_bytes: int
+    prefill: Callable[[list[int]], None]
+    decode: Callable[[int], None]
+    reset: Callable[[], None]
+
+
+def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) -> Engine:
+    from megrez_mlc.compile.compiler import compile_model
+    from megrez_mlc.quantize.convert import convert_weight
+    from megrez_mlc.quantize.gen_config import gen_config
+    from megrez_mlc.runtime.model_lib import ModelLibrary
+
+    model_dir = cache / f"mlc-{quantization}"
+    lib = model_dir / f"megrez-{quantization}-cpu.so"
+    if not (model_dir / "tensor-cache.json").is_file():
+        print(f"converting to {quantization} ...", flush=True)
+        convert_weight(hf_dir, model_dir, quantization, force=True)
+        gen_config(hf_dir, model_dir, quantization, force=True)
+    if not lib.is_file():
+        print(f"compiling {lib.name} ...", flush=True)
+        compile_model(model_dir, "cpu", lib)
+    model = ModelLibrary(model_dir, lib, max_batch_size=1, max_total_seq_len=max_len)
+    state = {"seq": model.add_sequence()}
+
+    def reset() -> None:
+        model.remove_sequence(state["seq"])
+        state["seq"] = model.add_sequence()
+
+    weight_bytes = sum(p.stat().st_size for p in model_dir.glob("params_shard_*.bin"))
+    return Engine(
+        f"megrez-mlc {quantization}",
+        weight_bytes,
+        lambda tokens: model.prefill([state["seq"]], [tokens]),
+        lambda token: model.decode([state["seq"]], [token]),
+        reset,
+    )
+
+
+def ensure_llama_cpp(cache: Path) -> str:
+    """Import llama_cpp, building llama-cpp-python from PyPI the first time (the wheel is cached)."""
+    try:
+        import llama_cpp  # noqa: F401
+
+        return (cache / "llama-cpp-build.txt").read_text().strip() if (cache / "llama-cpp-build.txt").is_file() \
+            else "already installed"
+    except ImportError:
+        pass
+    wheels = cache / "wheels"
+    start = time.perf_counter()
+    print("building llama-cpp-python from source (once; this takes minutes) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "llama-cpp-python", "-w", str(wheels)],
+                   check=True)
+    built = time.perf_counter() - start
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *map(str, wheels.glob("llama_cpp*.whl"))],
+                   check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "diskcache", "jinja2", "typing-extensions"], check=True)
+    note = f"built from source in {built:.0f} s"
+    (cache / "llama-cpp-build.txt").write_text(note)
+    return note
+
+
+def llama_engine(cache: Path, hf_dir: Path, kind: str, threads: int, max_len: int) -> Engine:
+    import llama_cpp
+
+    f16 = cache / "megrez-f16.gguf"
+    out = cache / f"megrez-{kind}.gguf"
+    if not out.is_file():
+        if not f16.is_file():
+            print("writing the F16 GGUF ...", flush=True)
+            write_f16_gguf(hf_dir, f16.with_suffix(".partial"))
+            f16.with_suffix(".partial").rename(f16)
+        print(f"quantizing to {kind} with llama.cpp ...", flush=True)
+        quantize_gguf(f16, out.with_suffix(".partial"), kind, threads)
+        out.with_suffix(".partial").rename(out)
+    llm = llama_cpp.Llama(str(out), n_ctx=max_len, n_batch=512, n_ubatch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    return Engine(
+        f"llama.cpp {kind}",
+        out.stat().st_size,
+        lambda tokens: llm.eval(tokens),
+        lambda token: llm.eval([token]),
+        llm.reset,
+    )
+
+
+def measure(engine: Engine, prompt: list[int], gen: list[int]) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one run."""
+    engine.reset()
+    start = time.perf_counter()
+    engine.prefill(prompt)
+    prefilled = time.perf_counter()
+    for token in gen:
+        engine.decode(token)
+    done = time.perf_counter()
+    return len(prompt) / (prefilled - start), len(gen) / (done - prefilled)
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return f"{cpu}, {len(__import__('os').sched_getaffinity(0))} CPUs, {mem:.0f} GiB, {platform.machine()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-dir", type=Path, default=megrez_home() / "bench")
+    parser.add_argument("--threads", type=int, default=None, help="both engines (default: physical cores)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--contexts", default="2048,8192", help="decode after these contexts ('' to skip)")
+    args = parser.parse_args()
+    threads = configure_threads(args.threads)
+    cache = args.cache_dir
+    cache.mkdir(parents=True, exist_ok=True)
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    max_len = max([args.prompt_len, *contexts]) + args.gen_len + 16
+
+    hf_dir = ensure_checkpoint(cache)
+    build_note = ensure_llama_cpp(cache)
+    engines = [megrez_engine(cache, hf_dir, q, max_len) for q in OUR_QUANTIZATIONS]
+    engines += [llama_engine(cache, hf_dir, k, threads, max_len) for k in LLAMA_QUANTIZATIONS]
+    gc.collect()
+
+    rng = np.random.default_rng(0)
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    prompt = rng.integers(0, vocab, args.prompt_len).tolist()
+    gen = rng.integers(0, vocab, args.gen_len).tolist()
+    for engine in engines:  # warm-up: page the weights in, start the thread pools
+        measure(engine, prompt[:16], gen[:4])
+    results: dict[str, list[tuple[float, float]]] = {e.name: [] for e in engines}
+    bandwidth = []
+    for round_no in range(args.rounds):
+        bandwidth.append(read_bandwidth_gb_s(threads, repeats=2))
+        for engine in engines:
+            results[engine.name].append(measure(engine, prompt, gen))
+        print(f"round {round_no + 1}/{args.rounds} done", flush=True)
+    gb_s = statistics.median(bandwidth)
+
+    print()
+    print(f"machine: {machine()}; {threads} threads for every engine; llama-cpp-python {build_note}")
+    print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated, median of {args.rounds} interleaved rounds")
+    print(f"memory read bandwidth (same run, {threads} threads): {gb_s:.1f} GB/s")
+    print()
+    print("| engine | weights (GB) | prefill tok/s | decode tok/s | prefill vs Q4_K_M | decode vs Q4_K_M "
+          "| decode bound (bandwidth / weights) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    medians = {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+               for name, runs in results.items()}
+    ref_prefill, ref_decode = medians[REFERENCE]
+    for engine in engines:
+        prefill, decode = medians[engine.name]
+        print(f"| {engine.name} | {engine.weight_bytes / 1e9:.2f} | {prefill:.1f} | {decode:.2f} "
+              f"| {prefill / ref_prefill:.2f}x | {decode / ref_decode:.2f}x | {gb_s * 1e9 / engine.weight_bytes:.1f} |")
+
+    if contexts:
+        print()
+        print(f"decode tok/s after a long prompt ({min(args.gen_len, 32)} tokens generated):")
+        print("| engine | " + " | ".join(f"after {args.prompt_len}" if c == 0 else f"after {c}"
+                                       for c in [0, *contexts]) + " | drop at longest |")
+        print("| --- |" + " ---: |" * (len(contexts) + 2))
+        for engine in (engines[0], engines[-1]):
+            speeds = [medians[engine.name][1]]
+            for context in contexts:
+                long_prompt = rng.integers(0, vocab, context).tolist()
+                speeds.append(measure(engine, long_prompt, gen[:32])[1])
+            cells = " | ".join(f"{s:.2f}" for s in speeds)
+            print(f"| {engine.name} | {cells} | {100 * (1 - speeds[-1] / speeds[0]):.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
