@@ -80,6 +80,23 @@ def convert_weight_cmd(
     )
 
 
+@main.command("verify")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_report_errors
+def verify_cmd(model_dir: Path) -> None:
+    """Check a converted model's shards (size and md5) and tensors (against mlc-chat-config.json)."""
+    from .quantize.verify import verify_model
+
+    result = verify_model(model_dir)
+    against = (
+        f"; all tensors match mlc-chat-config.json ({result.quantization})" if result.quantization else ""
+    )
+    click.echo(
+        f"ok: {result.num_shards} shards, {result.num_bytes / 2**20:.1f} MiB, {result.num_tensors} tensors, "
+        f"md5 sums match{against}"
+    )
+
+
 @main.command("gen-config")
 @click.argument("hf_dir", type=click.Path(path_type=Path))
 @quantization_option

@@ -15,7 +15,8 @@ DECODE_STEPS = 16
 # float16 models compute every activation in float16 (11-bit mantissa, relative rounding 2**-11 ~ 4.9e-4)
 # and round again at each of ~10 operators per layer, while the oracle runs in float32 on the same
 # (float16-rounded) weights; 2 layers of such rounding measure ~2-3e-3 x max |logit| here, so 1e-2 leaves
-# headroom without hiding real bugs (a wrong scale, a transposed weight or a RoPE slip gives errors of order 1).
+# headroom without hiding real bugs (a wrong scale, a transposed weight or a RoPE slip gives errors of
+# order 1).
 TOLERANCE = {"q0f32": 1e-4, "q4f32_1": 1e-4, "q0f16": 1e-2, "q4f16_1": 1e-2}
 
 
