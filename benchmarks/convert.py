@@ -1,13 +1,14 @@
 """convert-weight at real scale: a full-size random Megrez-3B-shaped bf16 checkpoint, every quantization.
 
-    PYTHONPATH=$PWD python benchmarks/convert.py [--cache-dir DIR] [-q q4f16_1 ...] [--cold]
+    PYTHONPATH=$PWD python benchmarks/convert.py [--cache-dir DIR] [-q q4f16_1 ...] [--cold] [--layout bin]
 
 The checkpoint (config.json + three bf16 safetensors shards + model.safetensors.index.json, ~5.8 GB, laid
 out like a Hugging Face download) is generated once and cached under $MEGREZ_MLC_HOME/bench (or
 --cache-dir). Each quantization runs `megrez-mlc convert-weight` in a child process; its wall time, peak
 RSS (the child's own rusage from wait4) and output size are printed as a table, and its output is deleted
 unless --keep. --cold evicts the checkpoint from the page cache before each run (posix_fadvise), so the
-source is read from disk as on a first conversion.
+source is read from disk as on a first conversion. --layout bin converts the same weights saved as
+pytorch_model-*.bin shards (made once from the safetensors with torch.save).
 """
 
 from __future__ import annotations
@@ -121,8 +122,35 @@ def make_checkpoint(hf_dir: Path) -> None:
     partial.rename(hf_dir)
 
 
+def make_bin_checkpoint(safetensors_dir: Path, hf_dir: Path) -> None:
+    """The same weights as pytorch_model-*.bin shards + index (torch.save; one shard in memory at a time)."""
+    import torch
+    from safetensors.torch import load_file
+
+    partial = hf_dir.with_name(hf_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shutil.copyfile(safetensors_dir / "config.json", partial / "config.json")
+    weight_map = {}
+    sources = sorted(safetensors_dir.glob("*.safetensors"))
+    for i, source in enumerate(sources):
+        file_name = f"pytorch_model-{i + 1:05d}-of-{len(sources):05d}.bin"
+        print(f"writing {partial / file_name}")
+        state = load_file(source)
+        torch.save(state, partial / file_name)
+        weight_map |= dict.fromkeys(state, file_name)
+        del state
+    index = {"metadata": {}, "weight_map": weight_map}
+    (partial / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    partial.rename(hf_dir)
+
+
+def weight_files(hf_dir: Path) -> list[Path]:
+    return sorted([*hf_dir.glob("*.safetensors"), *hf_dir.glob("*.bin")])
+
+
 def evict_from_page_cache(hf_dir: Path) -> None:
-    for path in hf_dir.glob("*.safetensors"):
+    for path in weight_files(hf_dir):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -171,6 +199,9 @@ def main() -> None:
     )
     parser.add_argument("--cache-dir", type=Path, default=megrez_home() / "bench")
     parser.add_argument("-q", "--quantization", action="append", choices=QUANTIZATIONS)
+    parser.add_argument(
+        "--layout", choices=("safetensors", "bin"), default="safetensors", help="checkpoint file format"
+    )
     parser.add_argument("--cold", action="store_true", help="evict the checkpoint from the page cache first")
     parser.add_argument("--keep", action="store_true", help="keep the converted outputs")
     args = parser.parse_args()
@@ -180,10 +211,15 @@ def main() -> None:
         start = time.perf_counter()
         make_checkpoint(hf_dir)
         print(f"generated {hf_dir} in {time.perf_counter() - start:.0f} s")
-    sources = list(hf_dir.glob("*.safetensors"))
+    if args.layout == "bin":
+        bin_dir = args.cache_dir / "megrez-3b-instruct-random-bf16-bin"
+        if not (bin_dir / "pytorch_model.bin.index.json").is_file():
+            make_bin_checkpoint(hf_dir, bin_dir)
+        hf_dir = bin_dir
+    sources = weight_files(hf_dir)
     source_bytes = sum(p.stat().st_size for p in sources)
     print(f"machine: {machine()}")
-    print(f"source: {hf_dir} ({source_bytes / 1e9:.2f} GB bf16, {len(sources)} shards)")
+    print(f"source: {hf_dir} ({source_bytes / 1e9:.2f} GB bf16, {len(sources)} {args.layout} shards)")
     print(
         f"page cache: {'evicted before each run (cold)' if args.cold else 'as left by earlier runs (warm)'}"
     )

@@ -64,7 +64,11 @@ quantization_option = click.option(
 @click.option(
     "--preset", default=None, help="Model preset filling fields config.json lacks (default: guessed)."
 )
-@click.option("--force", is_flag=True, help="Write into a folder that holds other files.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into a folder holding other files (left alone) or a model of another quantization.",
+)
 @_report_errors
 def convert_weight_cmd(
     hf_dir: Path, quantization: str, output: Path, preset: str | None, force: bool
@@ -107,7 +111,11 @@ def verify_cmd(model_dir: Path) -> None:
 @click.option("--prefill-chunk-size", type=int, default=None, help="Most tokens per prefill call.")
 @click.option("--preset", default=None, help="Model preset (default: guessed from the folder name).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model folder.")
-@click.option("--force", is_flag=True, help="Write into a folder that holds other files.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into a folder holding other files (left alone) or a model of another quantization.",
+)
 @_report_errors
 def gen_config_cmd(
     hf_dir: Path,

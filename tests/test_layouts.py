@@ -262,3 +262,19 @@ def test_values_that_cannot_be_stored(tiny_hf: Path, tmp_path: Path, quantizatio
     ):
         convert_weight(hf, tmp_path / "out", quantization)
     assert not (tmp_path / "out").exists()
+
+
+def test_bin_pages_released_after_a_read_are_read_again_intact(tiny_hf: Path, tmp_path: Path) -> None:
+    """Reading a memory-mapped .bin drops the pages it read (to bound memory); a second read is unchanged."""
+    from megrez_mlc.quantize.checkpoint import Checkpoint
+
+    hf = write_layout(tiny_hf, tmp_path / "hf", "bin", "bfloat16")
+    checkpoint = Checkpoint(hf)
+    name = "model.embed_tokens.weight"  # ~46 KB: several whole pages to drop
+    expected = torch_state(tiny_hf, "bfloat16")[name].to(torch.float32).numpy()
+    for _ in range(2):
+        np.testing.assert_array_equal(checkpoint.read(name), expected)
+        np.testing.assert_array_equal(
+            np.concatenate([checkpoint.read_rows(name, a, b) for a, b in checkpoint.row_ranges(name, 7)]),
+            expected,
+        )

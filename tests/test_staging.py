@@ -231,3 +231,17 @@ def test_progress_bar_on_a_terminal_only(tiny_hf: Path, tmp_path: Path, ci: bool
         assert final.endswith(f"{total:.1f}/{total:.1f} MiB written]")
     piped = run_cli("convert-weight", str(tiny_hf), "-q", "q4f32_1", "-o", str(tmp_path / "b"))
     assert piped.stderr == ""
+
+
+def test_an_unreadable_previous_index_is_not_overwritten(tiny_hf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tensor-cache.json").write_text("{not json")
+    with pytest.raises(MegrezError) as err:
+        convert_weight(tiny_hf, out, "q0f32")
+    assert str(err.value) == (
+        f"output {out} holds an unrecognised model (tensor-cache.json); writing q0f32 there would mix two "
+        "formats: choose another -o folder or pass --force"
+    )
+    convert_weight(tiny_hf, out, "q0f32", force=True)
+    assert read_index(out)["records"][0]["dataPath"] == "params_shard_0.bin"

@@ -163,13 +163,17 @@ def check_output_quantization(out_dir: Path, scheme: QuantScheme, force: bool) -
         return
     found = {}
     if (out_dir / INDEX_FILE).is_file():
-        found[INDEX_FILE] = stored_quantization(read_index(out_dir))
+        try:
+            found[INDEX_FILE] = stored_quantization(read_index(out_dir))
+        except MegrezError:  # unreadable: not known to be a previous output of this conversion
+            found[INDEX_FILE] = None
     if (out_dir / CHAT_CONFIG_FILE).is_file():
         chat = _previous_chat_config(out_dir)
         found[CHAT_CONFIG_FILE] = chat.get("quantization") if chat else None
     for file, quantization in found.items():
         if quantization != scheme.name:
+            held = f"a {quantization}" if quantization else "an unrecognised"
             raise MegrezError(
-                f"output {out_dir} holds a {quantization or 'unrecognised'} model ({file}); writing "
-                f"{scheme.name} there would mix two formats: choose another -o folder or pass --force"
+                f"output {out_dir} holds {held} model ({file}); writing {scheme.name} there would mix two "
+                "formats: choose another -o folder or pass --force"
             )

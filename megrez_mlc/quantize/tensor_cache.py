@@ -139,8 +139,9 @@ def read_index(model_dir: Path) -> dict[str, Any]:
                 raise ValueError(f"shard path {data_path!r} leaves the folder")
             for rec in shard["records"]:
                 name, shape, offset, nbytes = rec["name"], rec["shape"], rec["byteOffset"], rec["nbytes"]
+                elements = int(np.prod(shape, dtype=np.int64))
                 try:
-                    needed = int(np.prod(shape, dtype=np.int64)) * _itemsize(rec["dtype"])
+                    needed = elements * _itemsize(rec["dtype"])
                 except TypeError:
                     raise ValueError(f"{name} has an unknown dtype {rec['dtype']!r}") from None
                 if nbytes != needed:
