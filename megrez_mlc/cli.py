@@ -69,15 +69,18 @@ quantization_option = click.option(
     is_flag=True,
     help="Write into a folder holding other files (left alone) or a model of another quantization.",
 )
+@click.option(
+    "--threads", type=int, default=None, help="Converter threads (default: one per core, at most 8)."
+)
 @_report_errors
 def convert_weight_cmd(
-    hf_dir: Path, quantization: str, output: Path, preset: str | None, force: bool
+    hf_dir: Path, quantization: str, output: Path, preset: str | None, force: bool, threads: int | None
 ) -> None:
     """Convert (and quantize) a Hugging Face checkpoint into MLC's weight format."""
     from .quantize.convert import convert_weight
 
     start = time.perf_counter()
-    result = convert_weight(hf_dir, output, quantization, preset=preset, force=force)
+    result = convert_weight(hf_dir, output, quantization, preset=preset, force=force, threads=threads)
     click.echo(
         f"wrote {result.num_tensors} tensors, {result.param_bytes / 2**20:.1f} MiB "
         f"({result.bits_per_param:.2f} bits/param) to {output} in {time.perf_counter() - start:.1f} s"

@@ -278,3 +278,12 @@ def test_bin_pages_released_after_a_read_are_read_again_intact(tiny_hf: Path, tm
             np.concatenate([checkpoint.read_rows(name, a, b) for a, b in checkpoint.row_ranges(name, 7)]),
             expected,
         )
+
+
+def test_thread_count_does_not_change_the_output(tiny_hf: Path, tmp_path: Path) -> None:
+    hf = write_layout(tiny_hf, tmp_path / "hf", "sharded-safetensors", "bfloat16")
+    one = convert_weight(hf, tmp_path / "one", "q4f16_1", threads=1)
+    three = convert_weight(hf, tmp_path / "three", "q4f16_1", threads=3)
+    assert shard_bytes(one.out_dir) == shard_bytes(three.out_dir)
+    with pytest.raises(MegrezError, match="--threads must be at least 1, got 0"):
+        convert_weight(hf, tmp_path / "zero", "q4f16_1", threads=0)

@@ -62,8 +62,17 @@ def worker_count() -> int:
 
 
 def convert_weight(
-    hf_dir: Path, out_dir: Path, quantization: str, *, preset: str | None = None, force: bool = False
+    hf_dir: Path,
+    out_dir: Path,
+    quantization: str,
+    *,
+    preset: str | None = None,
+    force: bool = False,
+    threads: int | None = None,
 ) -> ConversionResult:
+    """Convert hf_dir into out_dir; `threads` converter threads (default: one per core, at most 8)."""
+    if threads is not None and threads < 1:
+        raise MegrezError(f"--threads must be at least 1, got {threads}")
     scheme = get_scheme(quantization)
     config, _ = load_hf_model_config(hf_dir, preset)
     checkpoint = Checkpoint(hf_dir)
@@ -71,7 +80,7 @@ def convert_weight(
     check_checkpoint(checkpoint, specs, config)
     check_output_quantization(out_dir, scheme, force)
     total_bytes = sum(t.nbytes for spec in specs for t in stored_tensors(spec, scheme))
-    workers = worker_count()
+    workers = threads or worker_count()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="convert")
     try:
         with staged_model_dir(out_dir, force, superseded=written_files(out_dir)) as staging:
