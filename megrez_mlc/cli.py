@@ -64,19 +64,43 @@ quantization_option = click.option(
 @click.option(
     "--preset", default=None, help="Model preset filling fields config.json lacks (default: guessed)."
 )
-@click.option("--force", is_flag=True, help="Write into a folder that holds other files.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into a folder holding other files (left alone) or a model of another quantization.",
+)
+@click.option(
+    "--threads", type=int, default=None, help="Converter threads (default: one per core, at most 8)."
+)
 @_report_errors
 def convert_weight_cmd(
-    hf_dir: Path, quantization: str, output: Path, preset: str | None, force: bool
+    hf_dir: Path, quantization: str, output: Path, preset: str | None, force: bool, threads: int | None
 ) -> None:
     """Convert (and quantize) a Hugging Face checkpoint into MLC's weight format."""
     from .quantize.convert import convert_weight
 
     start = time.perf_counter()
-    result = convert_weight(hf_dir, output, quantization, preset=preset, force=force)
+    result = convert_weight(hf_dir, output, quantization, preset=preset, force=force, threads=threads)
     click.echo(
         f"wrote {result.num_tensors} tensors, {result.param_bytes / 2**20:.1f} MiB "
         f"({result.bits_per_param:.2f} bits/param) to {output} in {time.perf_counter() - start:.1f} s"
+    )
+
+
+@main.command("verify")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_report_errors
+def verify_cmd(model_dir: Path) -> None:
+    """Check a converted model's shards (size and md5) and tensors (against mlc-chat-config.json)."""
+    from .quantize.verify import verify_model
+
+    result = verify_model(model_dir)
+    against = (
+        f"; all tensors match mlc-chat-config.json ({result.quantization})" if result.quantization else ""
+    )
+    click.echo(
+        f"ok: {result.num_shards} shards, {result.num_bytes / 2**20:.1f} MiB, {result.num_tensors} tensors, "
+        f"md5 sums match{against}"
     )
 
 
@@ -90,7 +114,11 @@ def convert_weight_cmd(
 @click.option("--prefill-chunk-size", type=int, default=None, help="Most tokens per prefill call.")
 @click.option("--preset", default=None, help="Model preset (default: guessed from the folder name).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model folder.")
-@click.option("--force", is_flag=True, help="Write into a folder that holds other files.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into a folder holding other files (left alone) or a model of another quantization.",
+)
 @_report_errors
 def gen_config_cmd(
     hf_dir: Path,

@@ -201,9 +201,10 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     if not hf_dir.is_dir():
         raise MegrezError(f"{hf_dir} is not a directory; pass the folder of a Hugging Face checkpoint")
     if not path.is_file():
-        if (hf_dir / "mlc-chat-config.json").is_file():
+        mlc_files = [f for f in ("mlc-chat-config.json", "tensor-cache.json") if (hf_dir / f).is_file()]
+        if mlc_files:
             raise MegrezError(
-                f"{hf_dir} is an already-converted MLC model (it has mlc-chat-config.json, no config.json); "
+                f"{hf_dir} is an already-converted MLC model (it has {mlc_files[0]}, no config.json); "
                 "pass the original Hugging Face checkpoint folder"
             )
         raise MegrezError(

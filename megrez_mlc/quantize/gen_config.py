@@ -12,7 +12,8 @@ from ..config import load_hf_model_config, load_preset
 from ..conversation import MEGREZ_STOP_TOKENS, get_template
 from ..errors import MegrezError
 from ..staging import staged_model_dir
-from .schemes import get_scheme
+from .schemes import QuantScheme, get_scheme
+from .tensor_cache import INDEX_FILE, read_index, stored_quantization
 
 log = logging.getLogger("megrez_mlc")
 
@@ -28,7 +29,6 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "special_tokens_map.json",
 )
-CONFIG_FILES = (CHAT_CONFIG_FILE, *TOKENIZER_FILES)
 SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty")
 
 
@@ -113,7 +113,8 @@ def gen_config(
         "bos_token_id": hf.get("bos_token_id", specials.get("<|eos|>", 0)),
         "eos_token_id": stop_ids or ([eos] if isinstance(eos, int) else eos or []),
     }
-    with staged_model_dir(out_dir, CONFIG_FILES, force) as staging:
+    check_output_quantization(out_dir, scheme, force)
+    with staged_model_dir(out_dir, force, superseded=previous_config_files(out_dir)) as staging:
         for name in chat_config["tokenizer_files"]:
             shutil.copyfile(hf_dir / name, staging / name)
         (staging / CHAT_CONFIG_FILE).write_text(
@@ -136,3 +137,43 @@ def read_chat_config(model: Path) -> tuple[Path, dict[str, Any]]:
         return path.parent, json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MegrezError(f"{path} is not valid JSON ({err}); run gen-config again") from None
+
+
+def _previous_chat_config(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        chat = json.loads((out_dir / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return chat if isinstance(chat, dict) else None
+
+
+def previous_config_files(out_dir: Path) -> list[str]:
+    """The files an earlier gen-config wrote into out_dir, as its mlc-chat-config.json lists them."""
+    chat = _previous_chat_config(out_dir)
+    if chat is None:
+        return []
+    return [CHAT_CONFIG_FILE, *(f for f in chat.get("tokenizer_files", []) if isinstance(f, str))]
+
+
+def check_output_quantization(out_dir: Path, scheme: QuantScheme, force: bool) -> None:
+    """A previous output in out_dir may only be replaced by the same quantization (unless force): otherwise
+    the folder would mix weights and an mlc-chat-config.json of two formats, a model that looks whole but
+    is wrong."""
+    if force or not out_dir.is_dir():
+        return
+    found = {}
+    if (out_dir / INDEX_FILE).is_file():
+        try:
+            found[INDEX_FILE] = stored_quantization(read_index(out_dir))
+        except MegrezError:  # unreadable: not known to be a previous output of this conversion
+            found[INDEX_FILE] = None
+    if (out_dir / CHAT_CONFIG_FILE).is_file():
+        chat = _previous_chat_config(out_dir)
+        found[CHAT_CONFIG_FILE] = chat.get("quantization") if chat else None
+    for file, quantization in found.items():
+        if quantization != scheme.name:
+            held = f"a {quantization}" if quantization else "an unrecognised"
+            raise MegrezError(
+                f"output {out_dir} holds {held} model ({file}); writing {scheme.name} there would mix two "
+                "formats: choose another -o folder or pass --force"
+            )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..config import ModelConfig
 from .group_quant import quantized_shapes
 from .schemes import QuantScheme
@@ -36,6 +38,10 @@ class StoredTensor:
     name: str
     shape: tuple[int, ...]
     dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
 
 def _spec(name: str, sources: list[tuple[str, int]], cols: int | None) -> ParamSpec:

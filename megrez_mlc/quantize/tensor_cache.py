@@ -8,7 +8,8 @@ tensor-cache.json:
                 "records": [{"name", "shape", "dtype", "format": "raw", "nbytes", "byteOffset"}]}]}
 A shard holds whole tensors, raw little-endian, back to back; it is closed once adding the next tensor
 would pass the size limit (a tensor larger than the limit gets a shard of its own).
-TVM's runtime (`vm.builtin.tensor_cache.load`) reads this; it checks each shard's size but not its md5.
+TVM's runtime (`vm.builtin.tensor_cache.load`) reads this; it checks each shard's size (with a C++ error) but
+not its md5, nor that records lie inside their shard: `read_index` and `check_shard_sizes` check first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import MegrezError
+from .schemes import SCHEMES
 
 INDEX_FILE = "tensor-cache.json"
 SHARD_LIMIT_BYTES = 32 * 1024 * 1024
@@ -52,8 +54,8 @@ class TensorCacheWriter:
             self._open_next_shard()
         written = 0
         for chunk in chunks:
-            data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
-            self._file.write(data)
+            data = memoryview(np.ascontiguousarray(chunk, dtype=dtype)).cast("B")  # no copy
+            self._file.write(data)  # file writes and md5 release the GIL: converter threads keep running
             self._md5.update(data)
             written += len(data)
         if written != nbytes:
@@ -119,14 +121,37 @@ class TensorRecord:
     nbytes: int
 
 
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize  # numpy has no bfloat16
+
+
 def read_index(model_dir: Path) -> dict[str, Any]:
+    """Parse tensor-cache.json and check it is self-consistent (each tensor inside its shard, with as many
+    bytes as its shape and dtype need), naming the offending entry; the shard files are not opened."""
     path = model_dir / INDEX_FILE
     if not path.is_file():
         raise MegrezError(f"{path} not found; convert the weights first with `megrez-mlc convert-weight`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MegrezError(f"{path} is corrupt ({err}); convert the weights again") from None
+        index = json.loads(path.read_text(encoding="utf-8"))
+        for shard in index["records"]:
+            data_path, shard_bytes = shard["dataPath"], int(shard["nbytes"])
+            if Path(data_path).name != data_path:
+                raise ValueError(f"shard path {data_path!r} leaves the folder")
+            for rec in shard["records"]:
+                name, shape, offset, nbytes = rec["name"], rec["shape"], rec["byteOffset"], rec["nbytes"]
+                elements = int(np.prod(shape, dtype=np.int64))
+                try:
+                    needed = elements * _itemsize(rec["dtype"])
+                except TypeError:
+                    raise ValueError(f"{name} has an unknown dtype {rec['dtype']!r}") from None
+                if nbytes != needed:
+                    raise ValueError(f"{name} is {rec['dtype']}{shape} ({needed} bytes) but records {nbytes}")
+                if offset < 0 or offset + nbytes > shard_bytes:
+                    raise ValueError(f"{name} lies outside {data_path} ({shard_bytes} bytes)")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        detail = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise MegrezError(f"{path} is corrupt ({detail}); convert the weights again") from None
+    return index
 
 
 def tensor_records(index: dict[str, Any]) -> dict[str, TensorRecord]:
@@ -158,18 +183,31 @@ def check_shard_sizes(model_dir: Path, index: dict[str, Any]) -> None:
             )
 
 
-def verify_md5(model_dir: Path, index: dict[str, Any]) -> list[str]:
-    """Names of the shards whose md5 sum differs from the index (after the size check)."""
-    check_shard_sizes(model_dir, index)
-    bad = []
-    for shard in index["records"]:
-        digest = hashlib.md5()
-        with (model_dir / shard["dataPath"]).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        if digest.hexdigest() != shard.get("md5sum"):
-            bad.append(shard["dataPath"])
-    return bad
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb", buffering=0) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def written_files(model_dir: Path) -> list[str]:
+    """The files a previous conversion wrote into model_dir, as its index lists them (none if unreadable)."""
+    try:
+        index = read_index(model_dir)
+    except MegrezError:
+        return []
+    return [INDEX_FILE, *(shard["dataPath"] for shard in index["records"])]
+
+
+def stored_quantization(index: dict[str, Any]) -> str | None:
+    """Which scheme wrote an index, read off its embedding's tensors (None if it has no embedding)."""
+    records = tensor_records(index)
+    for scheme in SCHEMES.values():
+        probe = "model.embed_tokens." + ("q_scale" if scheme.quantized else "weight")
+        if probe in records and records[probe].dtype == scheme.model_dtype:
+            return scheme.name
+    return None
 
 
 def load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
