@@ -92,19 +92,27 @@ def ensure_llama_cpp(cache: Path) -> str:
     try:
         import llama_cpp  # noqa: F401
 
-        return (cache / "llama-cpp-build.txt").read_text().strip() if (cache / "llama-cpp-build.txt").is_file() \
+        return (
+            (cache / "llama-cpp-build.txt").read_text().strip()
+            if (cache / "llama-cpp-build.txt").is_file()
             else "already installed"
+        )
     except ImportError:
         pass
     wheels = cache / "wheels"
     start = time.perf_counter()
     print("building llama-cpp-python from source (once; this takes minutes) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "llama-cpp-python", "-w", str(wheels)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "llama-cpp-python", "-w", str(wheels)], check=True
+    )
     built = time.perf_counter() - start
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *map(str, wheels.glob("llama_cpp*.whl"))],
-                   check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "diskcache", "jinja2", "typing-extensions"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", *map(str, wheels.glob("llama_cpp*.whl"))],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "diskcache", "jinja2", "typing-extensions"], check=True
+    )
     note = f"built from source in {built:.0f} s"
     (cache / "llama-cpp-build.txt").write_text(note)
     return note
@@ -123,8 +131,15 @@ def llama_engine(cache: Path, hf_dir: Path, kind: str, threads: int, max_len: in
         print(f"quantizing to {kind} with llama.cpp ...", flush=True)
         quantize_gguf(f16, out.with_suffix(".partial"), kind, threads)
         out.with_suffix(".partial").rename(out)
-    llm = llama_cpp.Llama(str(out), n_ctx=max_len, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        str(out),
+        n_ctx=max_len,
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     return Engine(
         f"llama.cpp {kind}",
         out.stat().st_size,
@@ -147,14 +162,22 @@ def measure(engine: Engine, prompt: list[int], gen: list[int]) -> tuple[float, f
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     return f"{cpu}, {len(__import__('os').sched_getaffinity(0))} CPUs, {mem:.0f} GiB, {platform.machine()}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cache-dir", type=Path, default=megrez_home() / "bench")
     parser.add_argument("--threads", type=int, default=None, help="both engines (default: physical cores)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -191,25 +214,36 @@ def main() -> None:
 
     print()
     print(f"machine: {machine()}; {threads} threads for every engine; llama-cpp-python {build_note}")
-    print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated, median of {args.rounds} interleaved rounds")
+    rounds = f"median of {args.rounds} interleaved rounds"
+    print(f"prompt {args.prompt_len} tokens, {args.gen_len} generated, {rounds}")
     print(f"memory read bandwidth (same run, {threads} threads): {gb_s:.1f} GB/s")
     print()
-    print("| engine | weights (GB) | prefill tok/s | decode tok/s | prefill vs Q4_K_M | decode vs Q4_K_M "
-          "| decode bound (bandwidth / weights) |")
+    print(
+        "| engine | weights (GB) | prefill tok/s | decode tok/s | prefill vs Q4_K_M | decode vs Q4_K_M "
+        "| decode bound (bandwidth / weights) |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    medians = {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
-               for name, runs in results.items()}
+    medians = {
+        name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+        for name, runs in results.items()
+    }
     ref_prefill, ref_decode = medians[REFERENCE]
     for engine in engines:
         prefill, decode = medians[engine.name]
-        print(f"| {engine.name} | {engine.weight_bytes / 1e9:.2f} | {prefill:.1f} | {decode:.2f} "
-              f"| {prefill / ref_prefill:.2f}x | {decode / ref_decode:.2f}x | {gb_s * 1e9 / engine.weight_bytes:.1f} |")
+        bound = gb_s * 1e9 / engine.weight_bytes
+        print(
+            f"| {engine.name} | {engine.weight_bytes / 1e9:.2f} | {prefill:.1f} | {decode:.2f} "
+            f"| {prefill / ref_prefill:.2f}x | {decode / ref_decode:.2f}x | {bound:.1f} |"
+        )
 
     if contexts:
         print()
         print(f"decode tok/s after a long prompt ({min(args.gen_len, 32)} tokens generated):")
-        print("| engine | " + " | ".join(f"after {args.prompt_len}" if c == 0 else f"after {c}"
-                                       for c in [0, *contexts]) + " | drop at longest |")
+        print(
+            "| engine | "
+            + " | ".join(f"after {args.prompt_len}" if c == 0 else f"after {c}" for c in [0, *contexts])
+            + " | drop at longest |"
+        )
         print("| --- |" + " ---: |" * (len(contexts) + 2))
         for engine in (engines[0], engines[-1]):
             speeds = [medians[engine.name][1]]

@@ -74,7 +74,7 @@ def write_f16_gguf(hf_dir: Path, out: Path) -> None:
     writer.add_tokenizer_pre("default")
     writer.add_token_list([f"<t{i}>" for i in range(vocab)])
     writer.add_token_types([gguf.TokenType.NORMAL] * vocab)
-    writer.add_token_merges([])
+    writer.add_token_merges(["<t2> <t3>"])  # llama.cpp refuses a BPE vocabulary without merges
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
     writer.add_add_bos_token(False)
@@ -82,7 +82,9 @@ def write_f16_gguf(hf_dir: Path, out: Path) -> None:
     for gguf_name, hf_name, _ in plan:
         shape = checkpoint.info(hf_name).shape
         dtype = np.float32 if len(shape) == 1 else np.float16
-        writer.add_tensor_info(gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        writer.add_tensor_info(
+            gguf_name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -99,7 +101,9 @@ def quantize_gguf(f16: Path, out: Path, kind: str, threads: int) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[kind]
+    params.ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}[
+        kind
+    ]
     params.nthread = threads
     status = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), params)
     if status != 0:
