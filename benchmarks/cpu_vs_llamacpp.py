@@ -63,7 +63,7 @@ def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) ->
 
     model_dir = cache / f"mlc-{quantization}"
     lib = model_dir / f"megrez-{quantization}-cpu.so"
-    if not (model_dir / "tensor-cache.json").is_file():
+    if not all((model_dir / f).is_file() for f in ("tensor-cache.json", "mlc-chat-config.json")):
         print(f"converting to {quantization} ...", flush=True)
         convert_weight(hf_dir, model_dir, quantization, force=True)
         gen_config(hf_dir, model_dir, quantization, force=True)

@@ -1,7 +1,9 @@
 """A full-size random Megrez-3B-shaped checkpoint for the benchmarks, laid out like a Hugging Face download.
 
 config.json (the megrez-3b-instruct preset) + three bf16 safetensors shards + model.safetensors.index.json,
-~5.8 GB, written tensor by tensor in blocks of rows and cached: later benchmark runs reuse it.
+~5.8 GB, written tensor by tensor in blocks of rows and cached: later benchmark runs reuse it. The
+tokenizer is the tiny demo one (Megrez's special tokens and chat template, a small BPE vocabulary): the
+benchmarks feed token ids, and gen-config needs a tokenizer.json.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megrez_mlc.config import load_preset  # noqa: E402
+from megrez_mlc.tiny import build_tokenizer  # noqa: E402
 
 CHECKPOINT_NAME = "megrez-3b-instruct-random-bf16"
 NUM_SHARDS = 3
@@ -114,4 +117,6 @@ def ensure_checkpoint(cache_dir: Path) -> Path:
     hf_dir = cache_dir / CHECKPOINT_NAME
     if not (hf_dir / "model.safetensors.index.json").is_file():
         make_checkpoint(hf_dir)
+    if not (hf_dir / "tokenizer.json").is_file():
+        build_tokenizer().save(str(hf_dir / "tokenizer.json"))
     return hf_dir

@@ -19,6 +19,8 @@ import math
 
 from tvm.script import tirx as T
 
+from .ops import fast_exp2
+
 MAX_LANES = 16  # float32 lanes of one AVX-512 vector (LLVM splits it for narrower ISAs)
 LOG2_E = math.log2(math.e)
 
@@ -158,27 +160,6 @@ QUERY_BLOCK = 4  # query positions per tile; with 4 query heads per KV head, 16 
 KEY_BLOCK = 16
 MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
 
-# 2**f = e**(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)**k / k! to k = 6 (relative error < 2e-7).
-_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
-
-
-def _fast_exp2(x):
-    """2**x for x >= -126 in float32: round to the nearest integer n, polynomial in the rest, 2**n from
-    the exponent bits. Vectorizes, unlike a call into libm's exp2f."""
-    n = T.nearbyint(x)
-    f = x - n
-    c = _EXP2_TAYLOR
-    poly = T.float32(c[0]) + f * (
-        T.float32(c[1])
-        + f
-        * (
-            T.float32(c[2])
-            + f * (T.float32(c[3]) + f * (T.float32(c[4]) + f * (T.float32(c[5]) + f * T.float32(c[6]))))
-        )
-    )
-    return poly * T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
-
-
 def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
     rows = QUERY_BLOCK * group
 
@@ -232,9 +213,9 @@ def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
                     ),
                 ),
             )
-            rescale: T.let[T.float32] = _fast_exp2(T.max(row_max[r] - block_max, T.float32(-126)))
+            rescale: T.let[T.float32] = fast_exp2(T.max(row_max[r] - block_max, T.float32(-126)))
             for j in T.vectorized(KEY_BLOCK):
-                scores[j] = _fast_exp2(T.max(scores[j] - block_max, T.float32(-126)))
+                scores[j] = fast_exp2(T.max(scores[j] - block_max, T.float32(-126)))
             row_max[r] = block_max
             row_sum[r] = row_sum[r] * rescale + (
                 ((scores[0] + scores[1]) + (scores[2] + scores[3]))

@@ -8,6 +8,8 @@ tile at a time (CPU), and the int4 weights are never expanded in memory. Weights
 
 from __future__ import annotations
 
+import math
+
 from tvm import te, tirx
 
 from ..quantize.group_quant import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD
@@ -133,3 +135,35 @@ def take_positions(hidden: te.Tensor, positions: te.Tensor) -> te.Tensor:
     return te.compute(
         (b, positions.shape[0], d), lambda i, p, k: hidden[i, positions[p], k], name="take_positions"
     )
+
+
+# 2**f = e**(f ln 2) on f in [-1/2, 1/2]: Taylor terms (ln 2)**k / k! to k = 6 (relative error < 2e-7).
+_EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
+LOG2_E = math.log2(math.e)
+
+
+def fast_exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """2**x in float32 for x in [-126, 127]: round to the nearest integer n, a polynomial in the rest, and
+    2**n built from the exponent bits. Unlike a call into libm's exp2f it vectorizes, which is what CPU
+    kernels need; callers clamp x to the range."""
+    n = tirx.nearbyint(x)
+    f = x - n
+    poly = tirx.const(_EXP2_TAYLOR[-1], "float32")
+    for coefficient in reversed(_EXP2_TAYLOR[:-1]):
+        poly = tirx.const(coefficient, "float32") + f * poly
+    two_to_n = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32")))
+    return poly * two_to_n
+
+
+def swiglu_cpu(gate_up: te.Tensor) -> te.Tensor:
+    """silu(gate) * up for gate_up = [..., gate | up], with exp through fast_exp2 so the loop vectorizes."""
+    *lead, width = gate_up.shape
+    half = width // 2
+
+    def value(*idx):
+        gate = gate_up[(*idx[:-1], idx[-1])].astype("float32")
+        up = gate_up[(*idx[:-1], idx[-1] + half)].astype("float32")
+        exponent = tirx.max(tirx.min(-gate * tirx.const(LOG2_E, "float32"), 127.0), -126.0)
+        return (gate * up / (tirx.const(1.0, "float32") + fast_exp2(exponent))).astype(gate_up.dtype)
+
+    return te.compute((*lead, half), value, name="swiglu")
