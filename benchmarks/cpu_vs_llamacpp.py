@@ -67,9 +67,9 @@ def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) ->
         print(f"converting to {quantization} ...", flush=True)
         convert_weight(hf_dir, model_dir, quantization, force=True)
         gen_config(hf_dir, model_dir, quantization, force=True)
-    if not lib.is_file():
-        print(f"compiling {lib.name} ...", flush=True)
-        compile_model(model_dir, "cpu", lib)
+    # always compiled: a cached library would hide changes to the kernels
+    result = compile_model(model_dir, "cpu", lib)
+    print(f"compiled {lib.name} in {result.seconds:.1f} s", flush=True)
     model = ModelLibrary(model_dir, lib, max_batch_size=1, max_total_seq_len=max_len)
     state = {"seq": model.add_sequence()}
 

@@ -160,6 +160,7 @@ QUERY_BLOCK = 4  # query positions per tile; with 4 query heads per KV head, 16 
 KEY_BLOCK = 16
 MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
 
+
 def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
     rows = QUERY_BLOCK * group
 
