@@ -22,11 +22,8 @@ from pathlib import Path
 
 from .errors import MegrezError
 
-# Everything convert-weight and gen-config write; a folder holding only these is a previous output.
-MODEL_DIR_PATTERNS = (
-    "params_shard_*.bin",
-    "tensor-cache.json",
-    "mlc-chat-config.json",
+# The tokenizer files of a Hugging Face checkpoint that gen-config copies next to the weights.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.json",
@@ -34,6 +31,13 @@ MODEL_DIR_PATTERNS = (
     "tokenizer.model",
     "added_tokens.json",
     "special_tokens_map.json",
+)
+# Everything convert-weight and gen-config write; a folder holding only these is a previous output.
+MODEL_DIR_PATTERNS = (
+    "params_shard_*.bin",
+    "tensor-cache.json",
+    "mlc-chat-config.json",
+    *TOKENIZER_FILES,
     "generation_config.json",
 )
 PARTIAL_MARK = ".partial-"

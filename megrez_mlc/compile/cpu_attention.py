@@ -23,6 +23,32 @@ from .ops import fast_exp2
 
 MAX_LANES = 16  # float32 lanes of one AVX-512 vector (LLVM splits it for narrower ISAs)
 LOG2_E = math.log2(math.e)
+KEY_BLOCK = 16  # keys per softmax step: one page of TVM's KV cache
+MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
+
+
+def _fold(combine, values: list):
+    """combine(...) over the values as a balanced tree (short dependency chains, vector-friendly)."""
+    while len(values) > 1:
+        values = [
+            combine(*values[i : i + 2]) if i + 1 < len(values) else values[i]
+            for i in range(0, len(values), 2)
+        ]
+    return values[0]
+
+
+def _block_max(buffer, *row):
+    """Largest of buffer[*row, 0:KEY_BLOCK]."""
+    return _fold(T.max, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
+
+
+def _block_sum(buffer, *row):
+    """Sum of buffer[*row, 0:KEY_BLOCK]."""
+    return _fold(lambda a, b: a + b, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
+
+
+def _exp2_clamped(x):
+    return fast_exp2(T.max(x, T.float32(-126)))
 
 
 def paged_decode_attention_cpu(
@@ -88,8 +114,6 @@ def paged_decode_attention_cpu(
                 scores = T.sblock_alloc_buffer((group, page_size), "float32")
                 lane_sums = T.sblock_alloc_buffer((lanes,), "float32")
                 dot = T.sblock_alloc_buffer((1,), "float32")
-                page_max = T.sblock_alloc_buffer((1,), "float32")
-                rescale = T.sblock_alloc_buffer((1,), "float32")
                 first_page: T.let[T.int32] = page_indptr[b]
                 num_pages: T.let[T.int32] = page_indptr[b + 1] - first_page
                 for g in T.serial(group):
@@ -102,8 +126,10 @@ def paged_decode_attention_cpu(
                 for page in T.serial(num_pages):
                     page_no: T.let[T.int32] = page_values[first_page + page]
                     rows: T.let[T.int32] = T.if_then_else(page == num_pages - 1, last_page_len[b], page_size)
-                    # scores of this page, in log2 units
                     for g in T.serial(group):
+                        # this page's scores (log2 units); rows past the sequence's end stay masked
+                        for row in T.vectorized(page_size):
+                            scores[g, row] = T.float32(MASKED)
                         for row in T.serial(rows):
                             for lane in T.vectorized(lanes):
                                 lane_sums[lane] = T.float32(0)
@@ -123,19 +149,18 @@ def paged_decode_attention_cpu(
                                 for lane in T.unroll(lanes):
                                     dot[0] = dot[0] + lane_sums[lane]
                             scores[g, row] = dot[0] * sm_scale * T.float32(LOG2_E)
-                    # online softmax, once per page: rescale the accumulators, add this page's weights
-                    for g in T.serial(group):
-                        page_max[0] = running_max[g]
-                        for row in T.serial(rows):
-                            page_max[0] = T.max(page_max[0], scores[g, row])
-                        rescale[0] = T.exp2(running_max[g] - page_max[0])
-                        running_max[g] = page_max[0]
-                        running_sum[g] = running_sum[g] * rescale[0]
+                        # online softmax once per page, its 16 exponentials as one vector
+                        page_max: T.let[T.float32] = T.max(running_max[g], _block_max(scores, g))
+                        rescale: T.let[T.float32] = _exp2_clamped(running_max[g] - page_max)
+                        for row in T.vectorized(page_size):
+                            scores[g, row] = T.if_then_else(
+                                row < rows, _exp2_clamped(scores[g, row] - page_max), T.float32(0)
+                            )
+                        running_max[g] = page_max
+                        running_sum[g] = running_sum[g] * rescale + _block_sum(scores, g)
                         for d in T.vectorized(head_dim):
-                            acc[g, d] = acc[g, d] * rescale[0]
+                            acc[g, d] = acc[g, d] * rescale
                         for row in T.serial(rows):
-                            scores[g, row] = T.exp2(scores[g, row] - page_max[0])
-                            running_sum[g] = running_sum[g] + scores[g, row]
                             for d in T.vectorized(head_dim):
                                 acc[g, d] = acc[g, d] + scores[g, row] * T.Cast(
                                     "float32", pages[page_no, 1, kv_head, row, d]
@@ -157,20 +182,22 @@ def paged_decode_attention_cpu(
 # KEY_BLOCK keys, the keys transposed once per block so both products are vector FMAs over 16 lanes.
 
 QUERY_BLOCK = 4  # query positions per tile; with 4 query heads per KV head, 16 rows of 64-wide accumulators
-KEY_BLOCK = 16
-MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
 
 
 def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
     rows = QUERY_BLOCK * group
 
     @T.macro
-    def load_queries(q, q_tile, first_row, q_count, kv_head, scale):
-        """q_tile[r, :] = q[query, head, :] * scale for row r = (query in tile) * group + (head in group)."""
+    def start_tile(q, q_tile, acc, row_max, row_sum, first_row, q_count, kv_head, scale):
+        """Row r = (query in tile) * group + (head in group): q_tile[r] = its query * scale; empty softmax
+        state (as in TVM's kernels, a row that sees no key ends with output 0 and lse -5e4)."""
         for r in T.serial(rows):
             query: T.let[T.int32] = T.min(r // group, q_count - 1)
+            row_max[r] = T.float32(MASKED)
+            row_sum[r] = T.float32(1)
             for d in T.vectorized(head_dim):
                 q_tile[r, d] = T.Cast("float32", q[first_row + query, kv_head * group + r % group, d]) * scale
+                acc[r, d] = T.float32(0)
 
     @T.macro
     def attend(
@@ -201,29 +228,12 @@ def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
                 scores[j] = T.if_then_else(
                     (j < key_count) & (key_first + j <= last_visible), scores[j], T.float32(MASKED)
                 )
-            block_max: T.let[T.float32] = T.max(
-                row_max[r],
-                T.max(
-                    T.max(
-                        T.max(T.max(scores[0], scores[1]), T.max(scores[2], scores[3])),
-                        T.max(T.max(scores[4], scores[5]), T.max(scores[6], scores[7])),
-                    ),
-                    T.max(
-                        T.max(T.max(scores[8], scores[9]), T.max(scores[10], scores[11])),
-                        T.max(T.max(scores[12], scores[13]), T.max(scores[14], scores[15])),
-                    ),
-                ),
-            )
-            rescale: T.let[T.float32] = fast_exp2(T.max(row_max[r] - block_max, T.float32(-126)))
+            block_max: T.let[T.float32] = T.max(row_max[r], _block_max(scores))
+            rescale: T.let[T.float32] = _exp2_clamped(row_max[r] - block_max)
             for j in T.vectorized(KEY_BLOCK):
-                scores[j] = fast_exp2(T.max(scores[j] - block_max, T.float32(-126)))
+                scores[j] = _exp2_clamped(scores[j] - block_max)
             row_max[r] = block_max
-            row_sum[r] = row_sum[r] * rescale + (
-                ((scores[0] + scores[1]) + (scores[2] + scores[3]))
-                + ((scores[4] + scores[5]) + (scores[6] + scores[7]))
-                + ((scores[8] + scores[9]) + (scores[10] + scores[11]))
-                + ((scores[12] + scores[13]) + (scores[14] + scores[15]))
-            )
+            row_sum[r] = row_sum[r] * rescale + _block_sum(scores)
             for d in T.vectorized(head_dim):
                 acc[r, d] = acc[r, d] * rescale
             for j in T.serial(KEY_BLOCK):
@@ -240,7 +250,7 @@ def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
                     )
                 lse[first_row + r // group, kv_head * group + r % group] = row_max[r] + T.log2(row_sum[r])
 
-    return load_queries, attend, store
+    return start_tile, attend, store
 
 
 def _interleaved_tile(task: int, tiles: int):
@@ -254,7 +264,7 @@ def ragged_prefill_attention_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
     queries, keys and values, ragged over the batch."""
     group = num_qo_heads // num_kv_heads
     rows = QUERY_BLOCK * group
-    load_queries, attend, store = _prefill_tile_macros(group, head_dim, dtype)
+    start_tile, attend, store = _prefill_tile_macros(group, head_dim, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -320,19 +330,17 @@ def ragged_prefill_attention_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
                         k_t = T.sblock_alloc_buffer((head_dim, KEY_BLOCK), "float32")
                         v_block = T.sblock_alloc_buffer((KEY_BLOCK, head_dim), "float32")
                         scores = T.sblock_alloc_buffer((KEY_BLOCK,), "float32")
-                        load_queries(
+                        start_tile(
                             q,
                             q_tile,
+                            acc,
+                            row_max,
+                            row_sum,
                             q_indptr[b] + query_first,
                             q_count,
                             kv_head,
                             sm_scale * T.float32(LOG2_E),
                         )
-                        for r in T.serial(rows):
-                            row_max[r] = T.float32(MASKED)
-                            row_sum[r] = T.float32(1)
-                            for d in T.vectorized(head_dim):
-                                acc[r, d] = T.float32(0)
                         # keys past the tile's last query are never visible under the causal mask
                         visible: T.let[T.int32] = T.if_then_else(
                             causal > 0, T.min(kv_len, kv_len - qo_len + query_first + q_count), kv_len
@@ -374,7 +382,7 @@ def paged_prefill_attention_cpu(
     assert page_size == KEY_BLOCK, "one key block is one page"
     group = num_qo_heads // num_kv_heads
     rows = QUERY_BLOCK * group
-    load_queries, attend, store = _prefill_tile_macros(group, head_dim, dtype)
+    start_tile, attend, store = _prefill_tile_macros(group, head_dim, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -449,19 +457,17 @@ def paged_prefill_attention_cpu(
                         k_t = T.sblock_alloc_buffer((head_dim, KEY_BLOCK), "float32")
                         v_block = T.sblock_alloc_buffer((KEY_BLOCK, head_dim), "float32")
                         scores = T.sblock_alloc_buffer((KEY_BLOCK,), "float32")
-                        load_queries(
+                        start_tile(
                             q,
                             q_tile,
+                            acc,
+                            row_max,
+                            row_sum,
                             q_indptr[b] + query_first,
                             q_count,
                             kv_head,
                             sm_scale * T.float32(LOG2_E),
                         )
-                        for r in T.serial(rows):
-                            row_max[r] = T.float32(MASKED)
-                            row_sum[r] = T.float32(1)
-                            for d in T.vectorized(head_dim):
-                                acc[r, d] = T.float32(0)
                         visible: T.let[T.int32] = T.if_then_else(
                             causal > 0,
                             T.max(T.min(kv_len, kv_len - qo_len + query_first + q_count), 0),

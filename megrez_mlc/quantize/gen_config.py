@@ -11,7 +11,7 @@ from typing import Any
 from ..config import load_hf_model_config, load_preset
 from ..conversation import MEGREZ_STOP_TOKENS, get_template
 from ..errors import MegrezError
-from ..staging import staged_model_dir
+from ..staging import TOKENIZER_FILES, staged_model_dir
 from .schemes import QuantScheme, get_scheme
 from .tensor_cache import INDEX_FILE, read_index, stored_quantization
 
@@ -20,15 +20,6 @@ log = logging.getLogger("megrez_mlc")
 CHAT_CONFIG_FILE = "mlc-chat-config.json"
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
 DEFAULT_PRESET = "megrez-3b-instruct"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "special_tokens_map.json",
-)
 SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty")
 
 
