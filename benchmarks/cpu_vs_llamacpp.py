@@ -9,7 +9,8 @@ weights quantized by llama.cpp to Q4_0 and Q4_K_M, and llama.cpp itself (llama-c
 from source on first use; the build time is printed). Then, with the same thread count, prompt and output
 lengths, it measures the engines in turn, round after round (A B C D A B C D ...), so drift of a shared
 machine hits all alike, and prints the medians, the ratios to llama.cpp Q4_K_M, the memory-bandwidth bound
-measured in the same run, and decode speed after long contexts.
+measured in the same run, and decode speed after long contexts. PyTorch (transformers, bfloat16) runs as a
+third peer unless --no-torch.
 """
 
 from __future__ import annotations
@@ -149,6 +150,29 @@ def llama_engine(cache: Path, hf_dir: Path, kind: str, threads: int, max_len: in
     )
 
 
+def torch_engine(hf_dir: Path, threads: int) -> Engine:
+    """transformers in bfloat16 (eager, as the model card runs it): PyTorch's CPU matmuls use the CPU's
+    bf16 instructions (AVX512-BF16 here; AMX where the CPU has it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    state: dict = {}
+
+    def forward(tokens: list[int]) -> None:
+        with torch.inference_mode():
+            out = model(torch.tensor([tokens]), past_key_values=state["cache"], use_cache=True)
+        state["cache"] = out.past_key_values
+
+    def reset() -> None:
+        state["cache"] = DynamicCache()
+
+    reset()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Engine("PyTorch bf16 (transformers)", weight_bytes, forward, lambda t: forward([t]), reset)
+
+
 def measure(engine: Engine, prompt: list[int], gen: list[int]) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of one run."""
     engine.reset()
@@ -184,6 +208,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--contexts", default="2048,8192", help="decode after these contexts ('' to skip)")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch bf16 out")
     args = parser.parse_args()
     threads = configure_threads(args.threads)
     cache = args.cache_dir
@@ -195,6 +220,8 @@ def main() -> None:
     build_note = ensure_llama_cpp(cache)
     engines = [megrez_engine(cache, hf_dir, q, max_len) for q in OUR_QUANTIZATIONS]
     engines += [llama_engine(cache, hf_dir, k, threads, max_len) for k in LLAMA_QUANTIZATIONS]
+    if args.torch:
+        engines.append(torch_engine(hf_dir, threads))
     gc.collect()
 
     rng = np.random.default_rng(0)
@@ -245,7 +272,8 @@ def main() -> None:
             + " | drop at longest |"
         )
         print("| --- |" + " ---: |" * (len(contexts) + 2))
-        for engine in (engines[0], engines[-1]):
+        long_context_engines = [engines[0], next(e for e in engines if e.name == REFERENCE)]
+        for engine in long_context_engines:
             speeds = [medians[engine.name][1]]
             for context in contexts:
                 long_prompt = rng.integers(0, vocab, context).tolist()
