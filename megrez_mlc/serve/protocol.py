@@ -65,7 +65,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     # strict: "5" is not an int and 1 is not a bool; extra fields are ignored (clients send some).
     model_config = ConfigDict(strict=True, extra="ignore")
 
@@ -123,7 +123,7 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class ChatCompletionRequest(_Body):
+class ChatCompletionRequest(RequestBody):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
@@ -132,7 +132,7 @@ class ChatCompletionRequest(_Body):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(_Body):
+class CompletionRequest(RequestBody):
     prompt: Any  # a text or a list of token ids (checked below, for one clear message)
 
     @model_validator(mode="after")
@@ -155,6 +155,6 @@ class CompletionRequest(_Body):
         return self.max_tokens
 
 
-_Body.model_rebuild()
+RequestBody.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()

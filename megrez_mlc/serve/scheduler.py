@@ -38,6 +38,10 @@ log = logging.getLogger("megrez_mlc")
 IDLE_WAIT_S = 1.0
 
 
+class PromptTooLong(MegrezError):
+    """The prompt leaves no room for an answer in the context window."""
+
+
 class QueueFull(MegrezError):
     """Every sequence slot is busy and the waiting queue is full; try again in `retry_after` seconds."""
 
@@ -125,7 +129,7 @@ class Scheduler:
         if not prompt_ids:
             raise MegrezError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= window:
-            raise MegrezError(
+            raise PromptTooLong(
                 f"this model's context window is {window} tokens, and the prompt has {len(prompt_ids)} "
                 "tokens, which leaves no room for an answer; shorten the prompt"
             )

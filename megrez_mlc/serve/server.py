@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import MegrezError
 from ..runtime.request import StreamDelta
 from ..runtime.sampling import SamplingParams
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, _Body, validation_error
-from .scheduler import QueueFull, Scheduler, Ticket
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, RequestBody, validation_error
+from .scheduler import PromptTooLong, QueueFull, Scheduler, Ticket
 
 log = logging.getLogger("megrez_mlc")
 
@@ -94,25 +94,29 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
                 code="model_not_found",
             )
 
-    def sampling(body: _Body, stop: list[str]) -> SamplingParams:
-        settings = {
-            "max_tokens": body.token_limit or scheduler.context_window_size,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "top_k": body.top_k,
-            "repetition_penalty": body.repetition_penalty,
-            "seed": body.seed,
-            "stop": [*stop, *body.stop_strings()],
-            "ignore_eos": body.ignore_eos,
-        }
-        return engine.default_sampling(**settings)
+    def sampling(body: RequestBody) -> SamplingParams:
+        """The request's settings over the model's defaults (mlc-chat-config.json)."""
+        try:
+            return engine.default_sampling(
+                max_tokens=body.token_limit or scheduler.context_window_size,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
+                stop=body.stop_strings(),
+                ignore_eos=body.ignore_eos,
+            )
+        except MegrezError as err:
+            raise APIError(400, str(err)) from None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model)
-        prompt_ids = engine.encode_chat([m.as_template_message() for m in body.messages])
-        params = sampling(body, engine.conversation.stop_str)
+        messages = [m.as_template_message() for m in body.messages]
+        prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)  # a long prompt takes a while
+        params = engine.chat_sampling(sampling(body))
         return await _answer(request, body, prompt_ids, params, "chat.completion", "chatcmpl")
 
     @app.post("/v1/completions")
@@ -120,11 +124,17 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         body = await _parse(request, CompletionRequest)
         check_model(body.model)
         prompt = body.prompt
-        prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        return await _answer(request, body, prompt_ids, sampling(body, []), "text_completion", "cmpl")
+        if isinstance(prompt, str):
+            prompt = await asyncio.to_thread(engine.tokenizer.encode, prompt)
+        return await _answer(request, body, prompt, sampling(body), "text_completion", "cmpl")
 
     async def _answer(
-        request: Request, body: _Body, prompt_ids: list[int], params: SamplingParams, kind: str, prefix: str
+        request: Request,
+        body: RequestBody,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        kind: str,
+        prefix: str,
     ) -> Any:
         answer = _Answer(scheduler, prompt_ids, params, kind, f"{prefix}-{uuid.uuid4().hex}", model_name)
         if body.stream:
@@ -158,10 +168,9 @@ class _Answer:
                 429, str(err), type="rate_limit_exceeded", headers={"Retry-After": str(err.retry_after)}
             ) from None
         except MegrezError as err:
-            code = "context_length_exceeded" if "context window" in str(err) else None
-            raise APIError(
-                400, str(err), param="messages" if kind == "chat.completion" else "prompt", code=code
-            ) from None
+            code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
+            param = "messages" if kind == "chat.completion" else "prompt"
+            raise APIError(400, str(err), param=param, code=code) from None
 
     def _put(self, delta: StreamDelta) -> None:  # on the engine thread
         self.loop.call_soon_threadsafe(self.deltas.put_nowait, delta)
@@ -276,7 +285,7 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
 
-async def _parse(request: Request, model: type[_Body]) -> Any:
+async def _parse(request: Request, model: type[RequestBody]) -> Any:
     """The JSON body (at most MAX_BODY_BYTES) validated as `model`; an APIError says what is wrong."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
