@@ -1,7 +1,8 @@
 """`megrez-mlc serve` under load: throughput and latency at 1, 4 and 16 concurrent streaming clients.
 
     PYTHONPATH=$PWD python benchmarks/serve_load.py [--concurrency 1,4,16] [--requests-per-client 2]
-        [--prompt-tokens 32] [--max-tokens 32] [--max-num-sequence 16] [--threads N] [--cache-dir DIR]
+        [--prompt-tokens 32] [--max-tokens 32] [--max-num-sequence 16] [--max-total-seq-len 4096]
+        [--threads N] [--cache-dir DIR]
         [--model DIR --model-lib LIB]
 
 By default it serves the full Megrez-3B shape: the random bf16 checkpoint of benchmarks/fullsize.py,
@@ -133,6 +134,7 @@ def start_server(
     command = [sys.executable, "-m", "megrez_mlc", "serve", str(model_dir), "--model-lib", str(lib)]
     command += ["--port", str(port), "--served-model-name", MODEL_NAME]
     command += ["--max-num-sequence", str(args.max_num_sequence)]
+    command += ["--max-total-seq-len", str(args.max_total_seq_len)]
     command += ["--threads", str(args.threads)] if args.threads else []
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ})
@@ -227,7 +229,8 @@ def cpu_name() -> str:
 def print_table(levels: list[Level], args: argparse.Namespace, prompt_tokens: int) -> None:
     print(
         f"\n{MODEL_NAME} ({args.model or 'full Megrez-3B shape, random weights'}), {QUANTIZATION}, "
-        f"{cpu_name()}, {os.cpu_count()} CPUs; --max-num-sequence {args.max_num_sequence}; "
+        f"{cpu_name()}, {os.cpu_count()} CPUs; --max-num-sequence {args.max_num_sequence}, "
+        f"--max-total-seq-len {args.max_total_seq_len}; "
         f"prompt {prompt_tokens} tokens, {args.max_tokens} generated tokens per "
         f"request (greedy, ignore_eos), {args.requests_per_client} requests per client\n"
     )
@@ -259,6 +262,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32, help="Prompt length (token ids).")
     parser.add_argument("--max-tokens", type=int, default=32, help="Tokens generated per request.")
     parser.add_argument("--max-num-sequence", type=int, default=16, help="The server's batch limit.")
+    parser.add_argument(
+        "--max-total-seq-len",
+        type=int,
+        default=4096,
+        help="The server's KV cache in tokens (Megrez's 32k context window in float32 would take 5 GB).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="The server's CPU threads.")
     parser.add_argument("--cache-dir", type=Path, default=None, help="Default: $MEGREZ_MLC_HOME/bench.")
     parser.add_argument("--model", type=Path, default=None, help="Serve this converted model instead.")
