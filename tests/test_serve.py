@@ -484,6 +484,25 @@ for chunk in stream:
     assert health["requests"]["length"] == 0  # it did not run to its 500 tokens
 
 
+def test_a_non_streaming_client_that_leaves_cancels_its_request(gated_server: GatedServer) -> None:
+    client_code = f"""
+import openai
+client = openai.OpenAI(base_url="{gated_server.url}/v1", api_key="unused", max_retries=0, timeout={TIMEOUT_S})
+client.completions.create(model="{MODEL_NAME}", prompt="a", max_tokens=500, extra_body={{"ignore_eos": True}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", client_code])
+    try:
+        gated_server.wait_for(lambda health: health["kv_cache"]["sequences"] == 1)  # held before decoding
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT_S)
+    assert gated_server.cancelled.wait(TIMEOUT_S)
+    gated_server.gate.set()
+    health = gated_server.wait_until_idle()
+    assert health["kv_cache"]["sequences"] == 0
+    assert health["requests"]["cancelled"] == 1
+
+
 def test_full_queue_answers_429_with_retry_after(gated_server: GatedServer) -> None:
     url = f"{gated_server.url}/v1/completions"
     with (
