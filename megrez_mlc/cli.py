@@ -412,7 +412,11 @@ def chat_cmd(
 )
 @click.option("--prefill-chunk-size", type=int, default=None, help="Most prompt tokens per prefill call.")
 @click.option(
-    "--max-queue", type=int, default=64, show_default=True, help="Requests waiting beyond that get a 429."
+    "--max-queue",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Requests that may wait for a free sequence; more get a 429.",
 )
 @click.option(
     "--api-key",
