@@ -384,6 +384,84 @@ def chat_cmd(
     )
 
 
+@main.command("serve")
+@click.argument("model")
+@click.option(
+    "--model-lib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Library from `megrez-mlc compile` (default: compiled on first use into $MEGREZ_MLC_HOME).",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal...")
+@click.option(
+    "--quantization",
+    "-q",
+    default=None,
+    help="For a Hugging Face checkpoint: weight format (default: q4f32_1 on CPU, q4f16_1 on GPUs).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--max-num-sequence", type=int, default=8, show_default=True, help="Requests decoded together, at most."
+)
+@click.option(
+    "--max-total-seq-len",
+    type=int,
+    default=None,
+    help="KV-cache size in tokens, shared by all sequences (default: the context window).",
+)
+@click.option("--prefill-chunk-size", type=int, default=None, help="Most prompt tokens per prefill call.")
+@click.option(
+    "--max-queue",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Requests that may wait for a free sequence; more get a 429.",
+)
+@click.option(
+    "--api-key",
+    envvar="MEGREZ_MLC_API_KEY",
+    default=None,
+    help="Require `Authorization: Bearer KEY` on every request (or set MEGREZ_MLC_API_KEY).",
+)
+@click.option("--served-model-name", default=None, help="The name clients use (default: MODEL's name).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: the physical cores).")
+@_report_errors
+def serve_cmd(
+    model: str,
+    model_lib: Path | None,
+    device: str,
+    quantization: str | None,
+    host: str,
+    port: int,
+    max_num_sequence: int,
+    max_total_seq_len: int | None,
+    prefill_chunk_size: int | None,
+    max_queue: int,
+    api_key: str | None,
+    served_model_name: str | None,
+    threads: int | None,
+) -> None:
+    """OpenAI-compatible HTTP server with continuous batching. MODEL: as for `chat`."""
+    from .serve.server import run_server
+
+    run_server(
+        model,
+        model_lib=model_lib,
+        device=device,
+        quantization=quantization,
+        host=host,
+        port=port,
+        max_num_sequence=max_num_sequence,
+        max_total_seq_len=max_total_seq_len,
+        prefill_chunk_size=prefill_chunk_size,
+        max_queue=max_queue,
+        api_key=api_key,
+        served_name=served_model_name,
+        threads=threads,
+    )
+
+
 @main.command("bench")
 @click.argument("model", type=click.Path(path_type=Path))
 @_model_lib_option

@@ -73,8 +73,10 @@ def test_bench_reports_consistent_numbers(built) -> None:
         1,
         2,
     )
-    # time to first token is the prefill plus one argmax: at least the prefill of 2 x 40 tokens
-    assert result["ttft_ms"] >= 1e3 * 80 / result["prefill_tok_s"] * 0.999
+    # time to first token is the prefill plus one argmax: at least the prefill of 2 x 40 tokens (the JSON
+    # rounds to 0.01, a few percent of the tiny model's sub-millisecond prefill)
+    prefill_ms = 1e3 * 80 / result["prefill_tok_s"]
+    assert result["ttft_ms"] >= prefill_ms - 0.01
     assert result["decode_tok_s"] > 0 and result["peak_rss_mb"] > 50
 
 

@@ -138,7 +138,7 @@ class ChatSession:
         if self._seq_id is None:
             self._seq_id = model.add_sequence()
         cached = self._reuse_cache(prompt)
-        params = dataclasses.replace(self.params, stop=[*self.conversation.stop_str, *self.params.stop])
+        params = self.engine.chat_sampling(self.params)
         request = self.engine._request(prompt, params, seq_id=self._seq_id, cached=cached)
         deltas = self.engine._run([request])
         streamed = []

@@ -6,49 +6,20 @@ together, one token each step, until each hits a stop token, a stop string or it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..conversation import Conversation
 from ..errors import MegrezError
 from ..quantize.gen_config import read_chat_config
 from .model_lib import ModelLibrary
-from .sampling import SamplingParams, sample_token
-from .tokenizer import StreamingDetokenizer, Tokenizer
-
-
-@dataclass
-class GenerationStats:
-    """Where one generation's time went: the prefill call(s) over its new prompt tokens, then one decode
-    call per further token (model time; sampling and detokenization not included)."""
-
-    prefill_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-
-    @staticmethod
-    def _rate(tokens: int, seconds: float) -> float:
-        return tokens / seconds if seconds > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self._rate(self.prefill_tokens, self.prefill_seconds)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self._rate(self.decode_tokens, self.decode_seconds)
-
-    def __str__(self) -> str:
-        return (
-            f"prefill: {self.prefill_tokens} tok, {self.prefill_tokens_per_s:.1f} tok/s; "
-            f"decode: {self.decode_tokens} tok, {self.decode_tokens_per_s:.1f} tok/s"
-        )
+from .request import GenerationStats, Request, StreamDelta
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -62,68 +33,6 @@ class GenerationResult:
     @property
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)}
-
-
-@dataclass
-class StreamDelta:
-    """One step of a streamed generation: new final text, the token that produced it."""
-
-    index: int  # which prompt of the batch
-    text: str
-    token_id: int | None
-    finish_reason: str | None = None
-
-
-class _StopStringMatcher:
-    """Accumulates text, emits what can no longer be the start of a stop string, and cuts at a stop."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.emitted = 0
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        self.text += delta
-        for stop in self.stops:
-            at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                out, self.text = self.text[self.emitted : at], self.text[:at]
-                self.emitted = at
-                return out, True
-        safe = len(self.text) - self._held_back()
-        out = self.text[self.emitted : safe]
-        self.emitted = max(self.emitted, safe)
-        return out, False
-
-    def _held_back(self) -> int:
-        """Length of the longest text suffix that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
-
-    def flush(self) -> str:
-        out = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return out
-
-
-@dataclass
-class _Request:
-    index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    rng: np.random.Generator
-    detokenizer: StreamingDetokenizer
-    stops: _StopStringMatcher
-    seq_id: int = -1  # -1: the run adds a sequence for it and removes it at the end
-    cached: int = 0  # leading prompt tokens already in that sequence's KV cache (a chat's earlier turns)
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stats: GenerationStats = field(default_factory=GenerationStats)
 
 
 class Engine:
@@ -169,6 +78,10 @@ class Engine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self.tokenizer.encode(self.conversation.render(messages))
+
+    def chat_sampling(self, params: SamplingParams) -> SamplingParams:
+        """`params` plus the chat format's stop strings, for answers to prompts from encode_chat."""
+        return dataclasses.replace(params, stop=[*self.conversation.stop_str, *params.stop])
 
     @property
     def context_window_size(self) -> int:
@@ -218,7 +131,7 @@ class Engine:
 
         return deltas() if stream else "".join(deltas())
 
-    def _make_requests(self, prompts: list[str | list[int]], params: SamplingParams | None) -> list[_Request]:
+    def _make_requests(self, prompts: list[str | list[int]], params: SamplingParams | None) -> list[Request]:
         params = params or self.default_sampling()
         return [self._request(prompt, params, index) for index, prompt in enumerate(prompts)]
 
@@ -229,7 +142,7 @@ class Engine:
         index: int = 0,
         seq_id: int = -1,
         cached: int = 0,
-    ) -> _Request:
+    ) -> Request:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MegrezError("the prompt is empty; give at least one token")
@@ -238,19 +151,18 @@ class Engine:
                 f"the prompt has {len(ids)} tokens but the context window is {self.context_window_size}; "
                 "shorten it or compile with a larger --context-window-size"
             )
-        seed = None if params.seed is None else params.seed + index
-        return _Request(
-            index,
+        return Request.create(
             ids,
             params,
-            np.random.default_rng(seed),
-            StreamingDetokenizer(self.tokenizer),
-            _StopStringMatcher(params.stop),
+            self.tokenizer,
+            self.context_window_size,
+            index=index,
+            seed=None if params.seed is None else params.seed + index,
             seq_id=seq_id,
             cached=cached,
         )
 
-    def _run(self, requests: list[_Request]) -> Iterator[StreamDelta]:
+    def _run(self, requests: list[Request]) -> Iterator[StreamDelta]:
         model = self.model
         owned = [r for r in requests if r.seq_id < 0]
         try:
@@ -264,7 +176,7 @@ class Engine:
             active = requests
             while active:
                 for r, row in zip(active, logits):
-                    yield self._step(r, row)
+                    yield r.step(row)
                 active = [r for r in active if r.finish_reason is None]
                 if active:
                     start = time.perf_counter()
@@ -277,28 +189,3 @@ class Engine:
             for r in owned:
                 if r.seq_id in model.sequence_lengths:
                     model.remove_sequence(r.seq_id)
-
-    def _step(self, r: _Request, logits: np.ndarray) -> StreamDelta:
-        """Sample one token for a request and turn it into a stream delta."""
-        p = r.params
-        budget = min(p.max_tokens, self.context_window_size - len(r.prompt_ids))
-        if len(r.output_ids) >= budget:
-            return self._finish(r, "length", None)
-        token = sample_token(logits, p, r.rng, (*r.prompt_ids, *r.output_ids))
-        if token in p.stop_token_ids and not p.ignore_eos:
-            return self._finish(r, "stop", None)
-        r.output_ids.append(token)
-        text, stopped = r.stops.feed(r.detokenizer.put(token))
-        if stopped:
-            r.finish_reason = "stop"
-            return StreamDelta(r.index, text, token, "stop")
-        if len(r.output_ids) >= budget:
-            return self._finish(r, "length", token, text)
-        return StreamDelta(r.index, text, token)
-
-    def _finish(self, r: _Request, reason: str, token: int | None, text: str = "") -> StreamDelta:
-        tail, stopped = r.stops.feed(r.detokenizer.flush())
-        r.finish_reason = "stop" if stopped else reason
-        return StreamDelta(
-            r.index, text + tail + ("" if stopped else r.stops.flush()), token, r.finish_reason
-        )

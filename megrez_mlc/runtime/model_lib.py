@@ -23,6 +23,11 @@ PAGE_SIZE = 16
 DEVICE_NAMES = ("cpu", "cuda", "metal", "rocm", "vulkan", "opencl")
 
 
+def pages_for(num_tokens: int) -> int:
+    """KV-cache pages a sequence of `num_tokens` tokens occupies."""
+    return -(-num_tokens // PAGE_SIZE)
+
+
 def open_device(device: str) -> tvm.runtime.Device:
     kind, _, index = device.partition(":")
     if kind not in DEVICE_NAMES:
@@ -88,6 +93,12 @@ class ModelLibrary:
         self.prefill_chunk_size = min(
             prefill_chunk_size or self.metadata["prefill_chunk_size"], self.metadata["prefill_chunk_size"]
         )
+        compiled_batch = int(self.metadata.get("max_batch_size", max_batch_size))
+        if max_batch_size > compiled_batch:
+            raise MegrezError(
+                f"{model_lib} was compiled for at most {compiled_batch} sequences at once, not "
+                f"{max_batch_size}; use fewer or compile with a larger --max-batch-size"
+            )
         self.max_batch_size = max_batch_size
         self.max_total_seq_len = max_total_seq_len or self.context_window_size
         self.vocab_size = int(self.metadata["params"][0]["shape"][0])
@@ -184,6 +195,19 @@ class ModelLibrary:
         """Tokens that can still be appended across all sequences."""
         return self.max_total_seq_len - sum(self.sequence_lengths.values())
 
+    def free_pages(self) -> int:
+        """KV-cache pages not holding any sequence's tokens."""
+        return int(self._kv["attention_kv_cache_get_num_available_pages"](self.kv_cache))
+
+    def pages_to_append(self, seq_ids: list[int], lengths: list[int]) -> int:
+        """Free pages that appending lengths[i] tokens to each sequence takes. A page holds PAGE_SIZE tokens
+        of one sequence, so the cache can fill up before max_total_seq_len tokens: 16 sequences of 17
+        tokens take 32 pages (512 tokens' room)."""
+        return sum(
+            pages_for(self.sequence_lengths[s] + n) - pages_for(self.sequence_lengths[s])
+            for s, n in zip(seq_ids, lengths)
+        )
+
     # --- forward passes ------------------------------------------------------------------------------------
 
     def _embed(self, token_ids: np.ndarray, batch: int) -> Any:
@@ -196,7 +220,7 @@ class ModelLibrary:
         return self._reshape(embeds, ShapeTuple([batch, n // batch, hidden]))
 
     def _forward(self, seq_ids: list[int], lengths: list[int], call: Any) -> np.ndarray:
-        if sum(lengths) > self.free_tokens():
+        if self.pages_to_append(seq_ids, lengths) > self.free_pages():
             raise MegrezError(
                 f"the KV cache is full ({self.max_total_seq_len} tokens in all); "
                 "shorten the prompts or raise max_total_seq_len"

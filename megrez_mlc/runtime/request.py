@@ -1,0 +1,161 @@
+"""One prompt's generation, token by token: sample, stop at a stop token, a stop string or the budget, and
+turn the tokens into final text.
+
+Both drivers of the model share this: `Engine` (a fixed batch, prefilled together and decoded until all
+finish) and the server's `Scheduler` (requests joining and leaving a running batch). Each feeds a request
+the logits after its latest token and gets back one `StreamDelta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .sampling import SamplingParams, sample_token
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    """Where one generation's time went: the prefill call(s) over its new prompt tokens, then one decode
+    call per further token (model time; sampling and detokenization not included)."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    @staticmethod
+    def _rate(tokens: int, seconds: float) -> float:
+        return tokens / seconds if seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self._rate(self.prefill_tokens, self.prefill_seconds)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self._rate(self.decode_tokens, self.decode_seconds)
+
+    def __str__(self) -> str:
+        return (
+            f"prefill: {self.prefill_tokens} tok, {self.prefill_tokens_per_s:.1f} tok/s; "
+            f"decode: {self.decode_tokens} tok, {self.decode_tokens_per_s:.1f} tok/s"
+        )
+
+
+@dataclass
+class StreamDelta:
+    """One step of a streamed generation: new final text, the token that produced it."""
+
+    index: int  # which prompt of the batch
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+class StopStringMatcher:
+    """Accumulates text, emits what can no longer be the start of a stop string, and cuts at a stop."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        self.text += delta
+        for stop in self.stops:
+            at = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if at != -1:
+                out, self.text = self.text[self.emitted : at], self.text[:at]
+                self.emitted = at
+                return out, True
+        safe = len(self.text) - self._held_back()
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def _held_back(self) -> int:
+        """Length of the longest text suffix that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+@dataclass
+class Request:
+    """A prompt being completed: its settings, random state, text state and the tokens sampled so far."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int  # max_tokens, cut to the room the context window leaves after the prompt
+    rng: np.random.Generator
+    detokenizer: StreamingDetokenizer
+    stops: StopStringMatcher
+    index: int = 0
+    seq_id: int = -1  # the KV-cache sequence; -1: none yet (the driver adds one)
+    cached: int = 0  # leading prompt tokens already in that sequence's KV cache (a chat's earlier turns)
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @classmethod
+    def create(
+        cls,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        context_window_size: int,
+        *,
+        index: int = 0,
+        seed: int | None = None,
+        seq_id: int = -1,
+        cached: int = 0,
+    ) -> Request:
+        """A request for a prompt that fits the context window (the caller checks, with its own message)."""
+        return cls(
+            list(prompt_ids),
+            params,
+            min(params.max_tokens, context_window_size - len(prompt_ids)),
+            np.random.default_rng(params.seed if seed is None else seed),
+            StreamingDetokenizer(tokenizer),
+            StopStringMatcher(params.stop),
+            index=index,
+            seq_id=seq_id,
+            cached=cached,
+        )
+
+    def step(self, logits: np.ndarray) -> StreamDelta:
+        """Sample the token after the latest one from its logits [vocab]; the delta says what became text.
+        After a delta with a finish_reason the request takes no more steps."""
+        p = self.params
+        if len(self.output_ids) >= self.max_new_tokens:
+            return self._finish("length", None)
+        token = sample_token(logits, p, self.rng, (*self.prompt_ids, *self.output_ids))
+        if token in p.stop_token_ids and not p.ignore_eos:
+            return self._finish("stop", None)
+        self.output_ids.append(token)
+        text, stopped = self.stops.feed(self.detokenizer.put(token))
+        if stopped:
+            self.finish_reason = "stop"
+            return StreamDelta(self.index, text, token, "stop")
+        if len(self.output_ids) >= self.max_new_tokens:
+            return self._finish("length", token, text)
+        return StreamDelta(self.index, text, token)
+
+    def _finish(self, reason: str, token: int | None, text: str = "") -> StreamDelta:
+        tail, stopped = self.stops.feed(self.detokenizer.flush())
+        self.finish_reason = "stop" if stopped else reason
+        return StreamDelta(
+            self.index, text + tail + ("" if stopped else self.stops.flush()), token, self.finish_reason
+        )

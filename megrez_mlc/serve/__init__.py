@@ -1,0 +1,2 @@
+"""`megrez-mlc serve`: an OpenAI-compatible HTTP server (server.py) over a continuous-batching engine loop
+(scheduler.py)."""

@@ -1,0 +1,368 @@
+"""Continuous batching: one engine loop that owns the model and serves many requests at once.
+
+Each turn of the loop
+1. drops cancelled requests (their KV-cache pages are freed at once) and admits waiting ones, oldest first,
+   while a sequence slot and KV-cache pages for their prompts are free;
+2. prefills at most prefill_chunk_size prompt tokens, from as many sequences as fit in that chunk (a long
+   prompt takes several turns, so the running requests keep decoding in between);
+3. decodes every sequence whose prompt is in the cache, all together, with one batch_decode call.
+A request that finishes leaves the batch, and frees its pages, in the turn it finishes. When the cache has
+no page for a step, the most recently admitted request is preempted: its sequence is freed and it goes back
+to the front of the queue, to be prefilled again with the tokens it has generated so far (its stream just
+continues, later).
+
+The loop runs on its own thread, which loads the model: TVM's CPU thread pool belongs to the thread that
+calls into TVM, and the KV cache is not thread-safe. Other threads only `submit` and `cancel`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MegrezError
+from ..runtime.engine import Engine
+from ..runtime.model_lib import pages_for
+from ..runtime.request import Request, StreamDelta
+from ..runtime.sampling import SamplingParams
+
+log = logging.getLogger("megrez_mlc")
+
+# How long an idle loop sleeps before looking again (submit and cancel wake it at once anyway).
+IDLE_WAIT_S = 1.0
+
+
+class PromptTooLong(MegrezError):
+    """The prompt leaves no room for an answer in the context window."""
+
+
+class QueueFull(MegrezError):
+    """Every sequence slot is busy and the waiting queue is full; try again in `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A submitted request as the loop tracks it. `on_delta` is called on the loop thread for every delta
+    (the last one has a finish_reason: "stop", "length", "cancelled" or "error"); it must not block."""
+
+    request: Request
+    on_delta: Callable[[StreamDelta], None]
+    pending: list[int]  # tokens to write into the KV cache before the next token is sampled
+    decoding: bool = False  # the prompt is in the cache: `pending` is the one token sampled last
+    cancelled: bool = False
+    error: str | None = None  # why a request finished with "error"
+    admitted_at: float = 0.0
+    deltas: list[StreamDelta] = field(default_factory=list)  # produced this turn, delivered at its end
+
+
+class Scheduler:
+    """Serves generation requests from one model with continuous batching (see the module docstring)."""
+
+    def __init__(
+        self,
+        load: Callable[[], Engine],
+        *,
+        max_num_sequence: int,
+        max_queue: int = 64,
+    ) -> None:
+        if max_num_sequence < 1:
+            raise MegrezError(f"--max-num-sequence must be at least 1, got {max_num_sequence}")
+        if max_queue < 0:
+            raise MegrezError(f"--max-queue must be at least 0, got {max_queue}")
+        self.max_num_sequence = max_num_sequence
+        self.max_queue = max_queue
+        self._load = load
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()  # guarded by _cond
+        self._running: list[Ticket] = []  # in admission order; changed by the loop, under _cond
+        self._stopping = False
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="megrez-engine-loop", daemon=True)
+        self._seconds_per_request = 0.0  # moving average, for Retry-After
+        self._kv_snapshot: dict[str, int] = {}
+        self._counts: collections.Counter[str] = collections.Counter()  # finish reasons, and preemptions
+        self.engine: Engine
+
+    # --- life cycle (any thread) ---------------------------------------------------------------------------
+
+    def start(self) -> Scheduler:
+        """Start the loop thread and wait until it has loaded the model (its errors are raised here)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the loop: every unfinished request ends with "error" and its sequence is freed."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def context_window_size(self) -> int:
+        """The longest prompt + answer: the model's context window, or less when the cache is smaller."""
+        model = self.engine.model
+        return min(model.context_window_size, model.max_total_seq_len)
+
+    # --- requests (any thread) -----------------------------------------------------------------------------
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[StreamDelta], None]
+    ) -> Ticket:
+        """Queue a request. Raises MegrezError for a prompt that cannot fit, QueueFull when full."""
+        window = self.context_window_size
+        if not prompt_ids:
+            raise MegrezError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= window:
+            raise PromptTooLong(
+                f"this model's context window is {window} tokens, and the prompt has {len(prompt_ids)} "
+                "tokens, which leaves no room for an answer; shorten the prompt"
+            )
+        vocab_size = self.engine.model.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+            raise MegrezError(f"the prompt has token ids outside [0, {vocab_size}), this model's vocabulary")
+        request = Request.create(prompt_ids, params, self.engine.tokenizer, window)
+        ticket = Ticket(request, on_delta, list(prompt_ids))
+        with self._cond:
+            if self._stopping:
+                raise MegrezError("the server is shutting down")
+            free_slots = max(0, self.max_num_sequence - len(self._running))
+            if len(self._waiting) >= self.max_queue + free_slots:
+                raise QueueFull(
+                    f"the server is busy: {len(self._running)} requests running and {len(self._waiting)} "
+                    "waiting; retry later",
+                    self._retry_after(),
+                )
+            self._waiting.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a request (a client went away); its last delta has finish_reason "cancelled"."""
+        with self._cond:
+            ticket.cancelled = True
+            self._cond.notify()
+
+    def status(self) -> dict[str, Any]:
+        """Requests running and waiting, and the KV cache's sequences and pages after the last turn."""
+        with self._cond:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "max_num_sequence": self.max_num_sequence,
+                "context_window_size": self.context_window_size,
+                "kv_cache": dict(self._kv_snapshot),
+                "requests": {
+                    key: self._counts[key] for key in ("stop", "length", "cancelled", "error", "preempted")
+                },
+            }
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead, served max_num_sequence at a time."""
+        ahead = len(self._waiting) + 1
+        return max(1, min(60, math.ceil(self._seconds_per_request * ahead / self.max_num_sequence)))
+
+    # --- the loop (its own thread) -------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self.engine = self._load()
+        except BaseException as err:  # handed to start(), which raises it in the caller's thread
+            self._load_error = err
+            self._ready.set()
+            return
+        self._publish_kv()
+        self._ready.set()
+        while True:
+            with self._cond:
+                if not self._waiting and not self._running and not self._stopping:
+                    self._cond.wait(IDLE_WAIT_S)
+                if self._stopping:
+                    break
+            try:
+                self._turn()
+            except Exception as err:  # a failed forward pass: fail the batch, keep serving the queue
+                log.exception("engine step failed")
+                self._fail_running(f"the engine failed: {err}")
+        self._shutdown()
+
+    def _turn(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        for forward in (self._prefill_chunk, self._decode):
+            touched = forward()
+            self._publish_kv()  # before the deltas go out: a client that saw its answer end sees it freed
+            for ticket in touched:
+                self._deliver(ticket)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [t for t in self._waiting if t.cancelled]
+            for ticket in gone:
+                self._waiting.remove(ticket)
+        gone += [t for t in self._running if t.cancelled]
+        for ticket in gone:
+            ticket.request.finish_reason = "cancelled"
+            self._release(ticket)
+            ticket.deltas.append(StreamDelta(0, "", None, "cancelled"))
+            self._deliver(ticket)
+
+    def _admit(self) -> None:
+        """Oldest first (a big request is never overtaken for good): a free slot and the pages to prefill it
+        plus one decode step, after the pages the running requests still need for theirs."""
+        model = self.engine.model
+        spare = model.free_pages() - sum(self._pages_for_next_step(t) for t in self._running)
+        with self._cond:
+            while self._waiting and len(self._running) < self.max_num_sequence:
+                ticket = self._waiting[0]
+                need = pages_for(len(ticket.pending) + 1)
+                if need > spare:
+                    break
+                spare -= need
+                self._waiting.popleft()
+                ticket.request.seq_id = model.add_sequence()
+                ticket.admitted_at = ticket.admitted_at or time.perf_counter()
+                self._running.append(ticket)
+
+    def _pages_for_next_step(self, ticket: Ticket) -> int:
+        return self.engine.model.pages_to_append([ticket.request.seq_id], [len(ticket.pending)])
+
+    def _prefill_chunk(self) -> list[Ticket]:
+        """One prefill call over up to prefill_chunk_size tokens of the prompts not yet in the cache."""
+        model = self.engine.model
+        while True:
+            budget, plan = model.prefill_chunk_size, []
+            for ticket in self._running:
+                if not ticket.decoding and budget > 0:
+                    plan.append((ticket, ticket.pending[:budget]))
+                    budget -= len(plan[-1][1])
+            if not plan:
+                return []
+            seq_ids = [t.request.seq_id for t, _ in plan]
+            if model.pages_to_append(seq_ids, [len(p) for _, p in plan]) <= model.free_pages():
+                break
+            self._preempt_newest()
+        logits = model.prefill(seq_ids, [piece for _, piece in plan])
+        done = []
+        for (ticket, piece), row in zip(plan, logits):
+            ticket.pending = ticket.pending[len(piece) :]
+            if not ticket.pending:  # the whole prompt is in: its logits give the first new token
+                self._step(ticket, row)
+                done.append(ticket)
+        return done
+
+    def _decode(self) -> list[Ticket]:
+        """One batch_decode call: every sequence whose prompt is in the cache gets its last token written."""
+        model = self.engine.model
+        while True:
+            batch = [t for t in self._running if t.decoding]
+            if not batch:
+                return []
+            seq_ids = [t.request.seq_id for t in batch]
+            if model.pages_to_append(seq_ids, [1] * len(batch)) <= model.free_pages():
+                break
+            self._preempt_newest()
+        logits = model.decode(seq_ids, [t.pending[0] for t in batch])
+        for ticket, row in zip(batch, logits):
+            self._step(ticket, row)
+        return batch
+
+    def _step(self, ticket: Ticket, logits: Any) -> None:
+        delta = ticket.request.step(logits)
+        ticket.deltas.append(delta)
+        if delta.finish_reason is not None:
+            self._release(ticket)
+            return
+        ticket.decoding = True
+        ticket.pending = [delta.token_id]  # type: ignore[list-item]  # an unfinished step samples a token
+
+    def _preempt_newest(self) -> None:
+        """Free the newest request's sequence and queue it first again (the oldest alone always fits: a
+        request's prompt + answer is capped at the cache size)."""
+        ticket = self._running[-1]
+        if len(self._running) == 1:
+            raise MegrezError("the KV cache cannot hold a single request; raise --max-total-seq-len")
+        log.info("KV cache full: request preempted after %d tokens", len(ticket.request.output_ids))
+        request = ticket.request
+        self.engine.model.remove_sequence(request.seq_id)
+        request.seq_id = -1
+        ticket.pending = request.prompt_ids + request.output_ids
+        ticket.decoding = False
+        with self._cond:
+            self._running.pop()
+            self._waiting.appendleft(ticket)
+            self._counts["preempted"] += 1
+
+    def _release(self, ticket: Ticket) -> None:
+        """Take a finished or cancelled request out of the batch and free its KV-cache pages."""
+        request = ticket.request
+        if request.seq_id >= 0:
+            self.engine.model.remove_sequence(request.seq_id)
+            request.seq_id = -1
+        with self._cond:
+            if ticket in self._running:
+                self._running.remove(ticket)
+            self._counts[request.finish_reason or "error"] += 1
+        if ticket.admitted_at:
+            seconds = time.perf_counter() - ticket.admitted_at
+            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds
+
+    def _deliver(self, ticket: Ticket) -> None:
+        deltas, ticket.deltas = ticket.deltas, []
+        for delta in deltas:
+            try:
+                ticket.on_delta(delta)
+            except Exception:  # the receiver is gone (its event loop closed): nobody is listening
+                ticket.cancelled = True
+
+    def _publish_kv(self) -> None:
+        model = self.engine.model
+        snapshot = {
+            "sequences": model.num_sequences,
+            "tokens": sum(model.sequence_lengths.values()),
+            "free_pages": model.free_pages(),
+            "max_total_seq_len": model.max_total_seq_len,
+        }
+        with self._cond:
+            self._kv_snapshot = snapshot
+
+    def _fail_running(self, message: str) -> None:
+        running = list(self._running)
+        with self._cond:
+            self._running.clear()
+        self.engine.model.clear()  # every sequence belongs to a running request; the cache may be torn
+        for ticket in running:
+            ticket.request.seq_id = -1
+            self._fail(ticket, message)
+        self._publish_kv()
+
+    def _fail(self, ticket: Ticket, message: str) -> None:
+        ticket.request.finish_reason = "error"
+        ticket.error = message
+        with self._cond:
+            self._counts["error"] += 1
+        ticket.deltas.append(StreamDelta(0, "", None, "error"))
+        self._deliver(ticket)
+
+    def _shutdown(self) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        self._fail_running("the server is shutting down")
+        for ticket in waiting:
+            self._fail(ticket, "the server is shutting down")

@@ -1,0 +1,367 @@
+"""`megrez-mlc serve`: the OpenAI API over HTTP (FastAPI + uvicorn), answered by the continuous-batching
+`Scheduler`.
+
+    GET  /v1/models              the one model served
+    POST /v1/chat/completions    messages, rendered with the model's chat template
+    POST /v1/completions         a raw prompt (text or token ids), no template
+    GET  /health                 requests running and waiting, the KV cache's sequences and pages
+
+Both completion endpoints stream Server-Sent Events (`data: {chunk}` ... `data: [DONE]`) with
+"stream": true. A streaming client that disconnects cancels its request. Errors are OpenAI's error
+objects: 400 bad input, 401 a wrong or missing API key, 404 an unknown model or path, 413 a body too
+large, 429 the queue is full (with Retry-After), 500 the engine failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MegrezError
+from ..runtime.request import StreamDelta
+from ..runtime.sampling import SamplingParams
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, RequestBody, validation_error
+from .scheduler import PromptTooLong, QueueFull, Scheduler, Ticket
+
+log = logging.getLogger("megrez_mlc")
+
+# Request bodies larger than this are refused (413): a prompt that fills Megrez's 32k-token context window
+# is a few hundred kB of JSON, even with every character \u-escaped.
+MAX_BODY_BYTES = 2 * 2**20
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.5
+
+
+def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = None) -> FastAPI:
+    """The HTTP API over a started scheduler."""
+    app = FastAPI(title="megrez-mlc", docs_url=None, redoc_url=None, openapi_url=None)
+    engine = scheduler.engine
+    created = int(time.time())
+
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if err.status_code == 404 else None
+        return _error_response(
+            APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", code=code)
+        )
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("error answering %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, f"internal error: {err}", type="server_error"))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "megrez-mlc"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **scheduler.status()}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def sampling(body: RequestBody) -> SamplingParams:
+        """The request's settings over the model's defaults (mlc-chat-config.json)."""
+        try:
+            return engine.default_sampling(
+                max_tokens=body.token_limit or scheduler.context_window_size,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                repetition_penalty=body.repetition_penalty,
+                seed=body.seed,
+                stop=body.stop_strings(),
+                ignore_eos=body.ignore_eos,
+            )
+        except MegrezError as err:
+            raise APIError(400, str(err)) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await _parse(request, ChatCompletionRequest)
+        check_model(body.model)
+        messages = [m.as_template_message() for m in body.messages]
+        prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)  # a long prompt takes a while
+        params = engine.chat_sampling(sampling(body))
+        return await _answer(request, body, prompt_ids, params, "chat.completion", "chatcmpl")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await _parse(request, CompletionRequest)
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = await asyncio.to_thread(engine.tokenizer.encode, prompt)
+        return await _answer(request, body, prompt, sampling(body), "text_completion", "cmpl")
+
+    async def _answer(
+        request: Request,
+        body: RequestBody,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        kind: str,
+        prefix: str,
+    ) -> Any:
+        answer = _Answer(scheduler, prompt_ids, params, kind, f"{prefix}-{uuid.uuid4().hex}", model_name)
+        if body.stream:
+            return StreamingResponse(answer.events(body.include_usage), media_type="text/event-stream")
+        return await answer.whole(request)
+
+    return app
+
+
+class _Answer:
+    """One request's deltas, carried from the engine thread onto the event loop, as OpenAI's objects."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        kind: str,
+        answer_id: str,
+        model_name: str,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
+        self.scheduler = scheduler
+        self.kind, self.id, self.model_name = kind, answer_id, model_name
+        self.created = int(time.time())
+        try:
+            self.ticket: Ticket = scheduler.submit(prompt_ids, params, self._put)
+        except QueueFull as err:
+            raise APIError(
+                429, str(err), type="rate_limit_exceeded", headers={"Retry-After": str(err.retry_after)}
+            ) from None
+        except MegrezError as err:
+            code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
+            param = "messages" if kind == "chat.completion" else "prompt"
+            raise APIError(400, str(err), param=param, code=code) from None
+
+    def _put(self, delta: StreamDelta) -> None:  # on the engine thread
+        self.loop.call_soon_threadsafe(self.deltas.put_nowait, delta)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        request = self.ticket.request
+        prompt, completion = len(request.prompt_ids), len(request.output_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _failure(self) -> APIError:
+        return APIError(500, self.ticket.error or "the request was cancelled", type="server_error")
+
+    async def whole(self, request: Request) -> dict[str, Any]:
+        """The complete answer (cancelled if the client goes away while waiting)."""
+        text = []
+        try:
+            while True:
+                try:
+                    delta = await asyncio.wait_for(self.deltas.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.scheduler.cancel(self.ticket)
+                        raise APIError(499, "the client closed the connection") from None
+                    continue
+                text.append(delta.text)
+                if delta.finish_reason is not None:
+                    break
+        except asyncio.CancelledError:
+            self.scheduler.cancel(self.ticket)
+            raise
+        if delta.finish_reason not in ("stop", "length"):
+            raise self._failure()
+        return {
+            **self._head(),
+            "choices": [self._choice("".join(text), delta.finish_reason)],
+            "usage": self.usage,
+        }
+
+    async def events(self, include_usage: bool) -> AsyncIterator[str]:
+        """Server-Sent Events: a chunk per text delta, the finish reason, usage if asked, then [DONE]."""
+        finished = False
+        try:
+            if self.kind == "chat.completion":
+                yield _sse(self._chunk({"role": "assistant", "content": ""}, None))
+            while not finished:
+                delta = await self.deltas.get()
+                finished = delta.finish_reason is not None
+                if finished and delta.finish_reason not in ("stop", "length"):
+                    yield _sse(self._failure().body)
+                    return
+                if delta.text or finished:
+                    content = {"content": delta.text} if delta.text else {}
+                    yield _sse(self._chunk(content, delta.finish_reason))
+            if include_usage:
+                yield _sse({**self._head(chunk=True), "choices": [], "usage": self.usage})
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away (or the server is stopping): free the sequence now
+                self.scheduler.cancel(self.ticket)
+
+    def _head(self, chunk: bool = False) -> dict[str, Any]:
+        kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
+
+    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        if self.kind == "chat.completion":
+            message = {"role": "assistant", "content": text}
+            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {
+                "index": 0,
+                "text": delta.get("content", ""),
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        return {**self._head(chunk=True), "choices": [choice]}
+
+
+class RequireAPIKey:
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <api_key>`. (Plain ASGI rather
+    than FastAPI's http middleware, which wraps streamed responses and hides a client's disconnect.)"""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = (
+                    "missing or wrong API key: send the header `Authorization: Bearer <key>` with the "
+                    "server's --api-key"
+                )
+                response = _error_response(APIError(401, message, code="invalid_api_key"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
+
+
+async def _parse(request: Request, model: type[RequestBody]) -> Any:
+    """The JSON body (at most MAX_BODY_BYTES) validated as `model`; an APIError says what is wrong."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}")
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError as err:  # also bytes that are not UTF-8
+        raise APIError(400, f"the body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def served_model_name(model: str) -> str:
+    """What clients put in "model": the folder's name, or the repository of HF://org/name."""
+    return model.rstrip("/").split("/")[-1] or model
+
+
+def run_server(
+    model: str,
+    *,
+    model_lib: Path | None = None,
+    device: str = "cpu",
+    quantization: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_num_sequence: int = 8,
+    max_total_seq_len: int | None = None,
+    prefill_chunk_size: int | None = None,
+    max_queue: int = 64,
+    api_key: str | None = None,
+    served_name: str | None = None,
+    threads: int | None = None,
+) -> None:
+    """Prepare MODEL (as `chat` does), load it on the engine loop's thread and serve until Ctrl-C."""
+    import uvicorn
+
+    from ..model_source import prepare_model
+    from ..runtime.engine import Engine
+
+    prepared = prepare_model(model, model_lib=model_lib, device=device, quantization=quantization)
+
+    def load() -> Engine:
+        return Engine(
+            prepared.model_dir,
+            prepared.model_lib,
+            device,
+            max_batch_size=max_num_sequence,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            threads=threads,
+        )
+
+    scheduler = Scheduler(load, max_num_sequence=max_num_sequence, max_queue=max_queue).start()
+    name = served_name or served_model_name(model)
+    try:
+        app = create_app(scheduler, name, api_key=api_key)
+        status = scheduler.status()
+        log.info(
+            "serving %s on http://%s:%d/v1 (%d sequences at once, %d-token KV cache, context %d tokens%s)",
+            name,
+            host,
+            port,
+            max_num_sequence,
+            status["kv_cache"]["max_total_seq_len"],
+            status["context_window_size"],
+            ", API key required" if api_key else "",
+        )
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        scheduler.stop()
