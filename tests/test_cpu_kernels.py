@@ -25,13 +25,13 @@ def test_long_prompt_over_many_pages_in_chunks(built, quantization: str) -> None
 
 
 def test_batched_prefill_of_ragged_prompts_matches_transformers(built) -> None:
-    """Three prompts of different lengths prefilled in one call (batch_prefill, one ragged attention over
+    """Six prompts of different lengths prefilled in one call (batch_prefill, one ragged attention over
     the batch), then decoded together (batch_decode): each sequence's logits equal transformers' alone."""
     model = built("q4f32_1")
-    lib = ModelLibrary(model.model_dir, model.lib, max_batch_size=4)
+    lib = ModelLibrary(model.model_dir, model.lib, max_batch_size=8)
     hf = reference_model(model.hf_dir, model.model_dir)
     rng = np.random.default_rng(11)
-    prompts = [rng.integers(0, 300, n).tolist() for n in (5, 37, 18)]
+    prompts = [rng.integers(0, 300, n).tolist() for n in (5, 37, 18, 1, 29, 11)]
     seqs = [lib.add_sequence() for _ in prompts]
     ours = [lib.prefill(seqs, prompts)]
     histories = [list(p) for p in prompts]

@@ -86,8 +86,19 @@ def engine(built) -> Engine:
     return Engine(model.model_dir, model.lib, max_batch_size=4, prefill_chunk_size=16)
 
 
-def test_batched_sequences_equal_each_alone(engine: Engine) -> None:
-    prompts = ["hello world", "你好，世界！今天天气很好。我们一起去公园散步吧。", "The", "def main():"]
+def test_batched_sequences_equal_each_alone(built) -> None:
+    """Six sequences: more than the CPU runtime decodes one at a time, so batch_decode runs (and a few
+    finish early, so later steps batch fewer)."""
+    model = built("q4f32_1")
+    engine = Engine(model.model_dir, model.lib, max_batch_size=8, prefill_chunk_size=16)
+    prompts = [
+        "hello world",
+        "你好，世界！今天天气很好。我们一起去公园散步吧。",
+        "The",
+        "def main():",
+        "A",
+        "2024 3.14",
+    ]
     together = engine.generate_batch(prompts, GREEDY_32)
     alone = [engine.generate(p, GREEDY_32) for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]

@@ -17,8 +17,6 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .ops import TOKEN_TILE
-
 GEMM_ROWS_PER_TILE = 8  # MB: tokens per register tile (8 x 32 floats = 16 accumulator registers)
 GEMM_COLS_PER_TILE = 32  # NB: output features per tile (two 16-lane vectors)
 GEMV_MAX_LANES = 16  # words (of 8 weights) per vector in the quantized GEMV
@@ -52,50 +50,36 @@ def _epilogue_blocks(sch: s_tir.Schedule, after: s_tir.SBlockRV) -> list[s_tir.S
 
 
 class QuantizedGEMV(ScheduleRule):
-    """`dequantize_gemv_cpu`: lanes over consecutive words, nibbles unrolled, rows in parallel; with several
-    tokens (batch decode), tiles of TOKEN_TILE tokens share each unpacked vector of weights."""
+    """`dequantize_gemv_cpu`: lanes over consecutive words, nibbles unrolled, rows in parallel."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         sch = s_tir.Schedule(func)
-        gemv_stages = ("x_perm", "x_wordsum", "partial", "scale_expand", "matmul")
-        if not set(gemv_stages) <= _block_names(sch):
+        if not {"x_perm", "x_wordsum", "partial", "scale_expand", "matmul"} <= _block_names(sch):
             return None
+        gemv_stages = ("x_perm", "x_wordsum", "partial", "scale_expand", "matmul")
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             if sch.get(block).name_hint in gemv_stages:
                 break
-            sch.compute_inline(block)  # a fused prologue folds into x_perm
+            sch.compute_inline(block)  # a fused prologue (SwiGLU before down_proj) folds into x_perm
         matmul = sch.get_sblock("matmul")
-        epilogues = _epilogue_blocks(sch, matmul)  # unpadding, casts, residual adds
+        epilogues = _epilogue_blocks(sch, matmul)
         *_, rows, words = sch.get_loops(matmul)
         lanes = _largest_divisor(_extent(sch, words), (GEMV_MAX_LANES, 8, 4, 2))
         word_blocks, lane = sch.split(words, [None, lanes])
-        per_lane = sch.rfactor(lane, factor_axis=3)  # per-lane sums [tokens, 1, N, lanes]: contiguous stores
-        tokens, _, rows, word_blocks, lane = sch.get_loops(per_lane)
-        tiled = _extent(sch, tokens) != 1
-        if tiled:
-            token_tiles, token = sch.split(tokens, [None, TOKEN_TILE])
-            rows, row_pair = sch.split(rows, [None, 2])
-            sch.reorder(rows, token_tiles, word_blocks, row_pair, token, lane)
-            sch.unroll(token)
-            sch.unroll(row_pair)
+        per_lane = sch.rfactor(lane, factor_axis=3)  # per-lane sums [1, 1, N, lanes]: contiguous stores
+        *_, rows, word_blocks, lane = sch.get_loops(per_lane)
         sch.parallel(rows)
         sch.vectorize(lane)
         sch.decompose_reduction(per_lane, word_blocks)
-        # the lane sums of one row (one token tile), then that row's epilogue, right after it
-        sch.reverse_compute_at(matmul, token_tiles if tiled else rows)
+        # the lane sums of one row, then that row's epilogue, right after the row
+        sch.reverse_compute_at(matmul, rows)
         for block in epilogues:
             sch.reverse_compute_at(block, rows)
 
         partial = sch.get_sblock("partial")
         sch.compute_at(partial, word_blocks)
         *_, partial_lane, nibble = sch.get_loops(partial)
-        if tiled:
-            partial_row, partial_token = sch.get_loops(partial)[-4:-2]
-            sch.reorder(nibble, partial_row, partial_token, partial_lane)
-            sch.unroll(partial_row)
-            sch.unroll(partial_token)  # the tile's tokens reuse each unpacked nibble vector
-        else:
-            sch.reorder(nibble, partial_lane)
+        sch.reorder(nibble, partial_lane)
         sch.vectorize(partial_lane)
         sch.unroll(nibble)
         sch.decompose_reduction(partial, nibble)

@@ -21,16 +21,15 @@ from ..quantize.schemes import QuantScheme
 from . import cpu_attention, ops
 
 
-def _is_decode_step(x: Tensor) -> bool:
-    """One new token per sequence ([B, 1, K]: decode or batch_decode), not a prompt ([1, n, K])."""
-    batch, tokens = x.shape[0], x.shape[1]
-    return isinstance(tokens, int) and tokens == 1 and not (isinstance(batch, int) and batch != 1)
+def _is_single_token(x: Tensor) -> bool:
+    """A decode step of one sequence: every leading dimension is statically 1."""
+    return all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
 
 
 class Linear(nn.Module):
     """y = x @ W^T with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4 groups).
 
-    `cpu` picks CPU-friendly formulations: float32 dequantization, and a dedicated GEMV for decode steps.
+    `cpu` picks CPU-friendly formulations: float32 dequantization, and a dedicated GEMV for one token.
     """
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, cpu: bool) -> None:
@@ -48,7 +47,7 @@ class Linear(nn.Module):
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         out_dtype = out_dtype or self.dtype
         if hasattr(self, "q_weight"):
-            if self.cpu and _is_decode_step(x):
+            if self.cpu and _is_single_token(x):
                 return op.tensor_expr_op(
                     lambda a, w, s: ops.dequantize_gemv_cpu(a, w, s, self.in_features, out_dtype),
                     "dequantize_gemv",

@@ -60,41 +60,33 @@ def dequantize_matmul_nt(
     return matmul_nt(x, weight, out_dtype)
 
 
-TOKEN_TILE = 4  # tokens that share one unpacking of the weights in a batched decode step (registers allow)
-
-
 def dequantize_gemv_cpu(
     x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor, in_features: int, out_dtype: str
 ) -> te.Tensor:
-    """x [B, 1, K] @ dequantize(q_weight, q_scale)^T for decode (B sequences, one token each), written so
-    a CPU does ~4 vector ops per 16 weights for one token and unpacks each weight once per TOKEN_TILE.
+    """x [1, 1, K] @ dequantize(q_weight, q_scale)^T, written so a CPU does ~4 vector ops per 16 weights.
 
-    Word kw of a row holds inputs 8kw..8kw+7. With x permuted to x_perm[t, s, kw] = x[t, 8kw + s], one
-    vector of consecutive words times x_perm[t, s, :] covers nibble s of each word (shift, mask, convert,
-    then one FMA per token), and both the "- 7" offset and the group scale leave the inner loop:
+    Word kw of a row holds inputs 8kw..8kw+7. With x permuted to x_perm[s, kw] = x[8kw + s], one vector
+    of consecutive words times x_perm[s, :] covers nibble s of each word (shift, mask, convert, FMA), and
+    both the "- 7" offset and the group scale leave the inner loop:
       sum_k x_k (q_k - 7) scale_g = sum_kw scale[kw // 4] * (sum_s x_perm[s, kw] q[kw, s] - 7 x_wordsum[kw]).
-    A symbolic B is padded to whole tiles of zero tokens (the unpacked weights stay in registers per tile).
     """
     n_out, words = q_weight.shape
-    batch = x.shape[0]
-    single = isinstance(batch, int | tirx.IntImm) and int(batch) == 1
-    padded = batch if single else (batch + TOKEN_TILE - 1) // TOKEN_TILE * TOKEN_TILE
     nibble = tirx.const(0xF, "uint32")
 
-    def x_perm_value(t, s, kw):
+    def x_perm_value(s, kw):
         k = kw * NIBBLES_PER_WORD + s
-        inside = tirx.all(t < batch, k < in_features)
-        value = x[tirx.min(t, batch - 1), 0, tirx.min(k, in_features - 1)].astype("float32")
-        return tirx.if_then_else(inside, value, 0.0)
+        return tirx.if_then_else(
+            k < in_features, x[0, 0, tirx.min(k, in_features - 1)].astype("float32"), 0.0
+        )
 
-    x_perm = te.compute((padded, NIBBLES_PER_WORD, words), x_perm_value, name="x_perm")
+    x_perm = te.compute((NIBBLES_PER_WORD, words), x_perm_value, name="x_perm")
     s = te.reduce_axis((0, NIBBLES_PER_WORD), name="s")
-    x_wordsum = te.compute((padded, words), lambda t, kw: te.sum(x_perm[t, s, kw], axis=s), name="x_wordsum")
+    x_wordsum = te.compute((words,), lambda kw: te.sum(x_perm[s, kw], axis=s), name="x_wordsum")
     s = te.reduce_axis((0, NIBBLES_PER_WORD), name="s")
     partial = te.compute(
-        (padded, n_out, words),
-        lambda t, n, kw: te.sum(
-            x_perm[t, s, kw]
+        (n_out, words),
+        lambda n, kw: te.sum(
+            x_perm[s, kw]
             * tirx.bitwise_and(tirx.shift_right(q_weight[n, kw], (s * 4).astype("uint32")), nibble).astype(
                 "float32"
             ),
@@ -108,14 +100,12 @@ def dequantize_gemv_cpu(
     )
     kw = te.reduce_axis((0, words), name="kw")
     acc = te.compute(
-        (padded, 1, n_out),
-        lambda t, _, n: te.sum(
-            scale[n, kw] * (partial[t, n, kw] - tirx.const(MAX_INT, "float32") * x_wordsum[t, kw]), axis=kw
+        (1, 1, n_out),
+        lambda _a, _b, n: te.sum(
+            scale[n, kw] * (partial[n, kw] - tirx.const(MAX_INT, "float32") * x_wordsum[kw]), axis=kw
         ),
         name="matmul",
     )
-    if not single:
-        acc = te.compute((batch, 1, n_out), lambda b, _, n: acc[b, 0, n], name="unpad")
     if out_dtype == "float32":
         return acc
     return te.compute(acc.shape, lambda *idx: acc[idx].astype(out_dtype), name="matmul_cast")
