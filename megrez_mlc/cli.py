@@ -339,21 +339,31 @@ def generate_cmd(
     click.echo()
 
 
+def _model_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--model-lib, --device and --quantization, for verbs whose MODEL may also be a raw checkpoint."""
+    options = [
+        click.option(
+            "--model-lib",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Library from `megrez-mlc compile` (default: compiled on first use into $MEGREZ_MLC_HOME).",
+        ),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal..."),
+        click.option(
+            "--quantization",
+            "-q",
+            default=None,
+            help="For a Hugging Face checkpoint: weight format (default: q4f32_1 on CPU, q4f16_1 on GPUs).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main.command("chat")
 @click.argument("model")
-@click.option(
-    "--model-lib",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Library from `megrez-mlc compile` (default: compiled on first use into $MEGREZ_MLC_HOME).",
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal...")
-@click.option(
-    "--quantization",
-    "-q",
-    default=None,
-    help="For a Hugging Face checkpoint: weight format (default: q4f32_1 on CPU, q4f16_1 on GPUs).",
-)
+@_model_source_options
 @click.option("--system", default=None, help="System prompt (default: Megrez's).")
 @click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's).")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (default: the model's).")
@@ -386,19 +396,7 @@ def chat_cmd(
 
 @main.command("serve")
 @click.argument("model")
-@click.option(
-    "--model-lib",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Library from `megrez-mlc compile` (default: compiled on first use into $MEGREZ_MLC_HOME).",
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal...")
-@click.option(
-    "--quantization",
-    "-q",
-    default=None,
-    help="For a Hugging Face checkpoint: weight format (default: q4f32_1 on CPU, q4f16_1 on GPUs).",
-)
+@_model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option(

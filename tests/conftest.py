@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from megrez_mlc.quantize.group_quant import dequantize_int4
 from megrez_mlc.quantize.param_map import llama_param_specs
 from megrez_mlc.quantize.tensor_cache import load_tensors
 from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
+
+
+# A shell that starts the tests in the background (`... &`) ignores SIGINT, and the CLIs the tests spawn
+# would inherit that; the Ctrl-C tests need SIGINT delivered, so give it back its default handling.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)

@@ -139,8 +139,8 @@ class ChatSession:
             self._seq_id = model.add_sequence()
         cached = self._reuse_cache(prompt)
         params = self.engine.chat_sampling(self.params)
-        request = self.engine._request(prompt, params, seq_id=self._seq_id, cached=cached)
-        deltas = self.engine._run([request])
+        request = self.engine.new_request(prompt, params, seq_id=self._seq_id, cached=cached)
+        deltas = self.engine.run_requests([request])
         streamed = []
         try:
             for delta in deltas:

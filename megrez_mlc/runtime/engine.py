@@ -100,7 +100,7 @@ class Engine:
         texts = [""] * len(prompts)
         results: list[GenerationResult | None] = [None] * len(prompts)
         requests = self._make_requests(prompts, params)
-        for delta in self._run(requests):
+        for delta in self.run_requests(requests):
             texts[delta.index] += delta.text
             if delta.finish_reason is not None:
                 r = requests[delta.index]
@@ -111,7 +111,7 @@ class Engine:
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Text deltas of one completion as they are decoded; the last one carries finish_reason."""
-        yield from self._run(self._make_requests([prompt], params))
+        yield from self.run_requests(self._make_requests([prompt], params))
 
     def chat(
         self, messages: list[dict[str, str]], stream: bool = True, **sampling: Any
@@ -133,9 +133,9 @@ class Engine:
 
     def _make_requests(self, prompts: list[str | list[int]], params: SamplingParams | None) -> list[Request]:
         params = params or self.default_sampling()
-        return [self._request(prompt, params, index) for index, prompt in enumerate(prompts)]
+        return [self.new_request(prompt, params, index) for index, prompt in enumerate(prompts)]
 
-    def _request(
+    def new_request(
         self,
         prompt: str | list[int],
         params: SamplingParams,
@@ -143,6 +143,8 @@ class Engine:
         seq_id: int = -1,
         cached: int = 0,
     ) -> Request:
+        """A request for `run_requests`; `seq_id`/`cached`: continue a KV sequence that already holds the
+        first `cached` prompt tokens (ChatSession), else a new sequence is made and dropped after."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MegrezError("the prompt is empty; give at least one token")
@@ -162,7 +164,8 @@ class Engine:
             cached=cached,
         )
 
-    def _run(self, requests: list[Request]) -> Iterator[StreamDelta]:
+    def run_requests(self, requests: list[Request]) -> Iterator[StreamDelta]:
+        """Prefill the requests together, then decode them together until each finishes."""
         model = self.model
         owned = [r for r in requests if r.seq_id < 0]
         try:
