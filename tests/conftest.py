@@ -20,7 +20,6 @@ from megrez_mlc.quantize.param_map import llama_param_specs
 from megrez_mlc.quantize.tensor_cache import load_tensors
 from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
 
-
 # A shell that starts the tests in the background (`... &`) ignores SIGINT, and the CLIs the tests spawn
 # would inherit that; the Ctrl-C tests need SIGINT delivered, so give it back its default handling.
 signal.signal(signal.SIGINT, signal.default_int_handler)
