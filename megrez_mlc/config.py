@@ -9,22 +9,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import MegrezError
+from .rope import RopeScaling, read_rope
 
 log = logging.getLogger("megrez_mlc")
 
 # HF LlamaConfig defaults, used when neither config.json nor a preset names a field.
-_LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+_LLAMA_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 2048,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+# config.json fields that would change the math and that the graph does not implement.
+_UNSUPPORTED_IF_SET = {
+    "quantization_config": "an already-quantized checkpoint (GPTQ, AWQ, bitsandbytes...); pass the float one",
+    "sliding_window": "sliding-window attention",
+    "pretraining_tp": "pretraining_tp > 1",
+}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a LLaMA-architecture model (Megrez-3B is LLaMA-2 with grouped-query attention)."""
+    """Shape and arithmetic of a LLaMA-architecture model (Megrez-3B is LLaMA-2 with grouped-query attention).
+
+    `context_window_size` is the longest sequence the compiled model serves (by default the checkpoint's
+    max_position_embeddings); RoPE is `rope_theta` plus `rope_scaling` (see rope.py).
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -37,6 +56,9 @@ class ModelConfig:
     rope_theta: float
     context_window_size: int
     tie_word_embeddings: bool
+    rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
+    attention_bias: bool = False  # q/k/v/o projections have biases
+    mlp_bias: bool = False  # gate/up/down projections have biases
 
     def __post_init__(self) -> None:
         positive = (
@@ -52,6 +74,8 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise MegrezError(f"model config field {name} must be positive, got {getattr(self, name)}")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise MegrezError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise MegrezError(
                 f"num_attention_heads ({self.num_attention_heads}) is not a multiple of num_key_value_heads "
@@ -59,6 +83,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise MegrezError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        exact_up_to = self.rope_scaling.exact_up_to
+        if exact_up_to is not None and self.context_window_size > exact_up_to:
+            raise MegrezError(
+                f"a context window of {self.context_window_size} tokens is longer than dynamic RoPE's "
+                f"max_position_embeddings ({exact_up_to}), past which its frequencies change with the "
+                f"sequence length; use --context-window-size {exact_up_to} or less"
+            )
 
     @property
     def qkv_out_features(self) -> int:
@@ -72,27 +103,33 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], preset: dict[str, Any] | None = None) -> ModelConfig:
-        """Build from a HF LlamaConfig dict; `preset` (a preset's "model_config") fills missing fields."""
+        """Build from a HF LlamaConfig dict (either RoPE layout); `preset` (a preset's "model_config")
+        fills missing fields."""
         _check_supported_architecture(hf)
         preset = preset or {}
         if preset:
             _report_disagreements(hf, preset)
         merged = {**_LLAMA_DEFAULTS, **preset, **{k: v for k, v in hf.items() if v is not None}}
         try:
-            hidden = int(merged["hidden_size"])
-            heads = int(merged["num_attention_heads"])
+            hidden = _field(merged, "hidden_size", int)
+            heads = _field(merged, "num_attention_heads", int)
+            max_positions = _field(merged, "max_position_embeddings", int)
+            theta, scaling = read_rope(merged, max_positions)
             return cls(
                 hidden_size=hidden,
-                intermediate_size=int(merged["intermediate_size"]),
-                num_hidden_layers=int(merged["num_hidden_layers"]),
+                intermediate_size=_field(merged, "intermediate_size", int),
+                num_hidden_layers=_field(merged, "num_hidden_layers", int),
                 num_attention_heads=heads,
-                num_key_value_heads=int(merged.get("num_key_value_heads") or heads),
-                head_dim=int(merged.get("head_dim") or hidden // heads),
-                vocab_size=int(merged["vocab_size"]),
-                rms_norm_eps=float(merged["rms_norm_eps"]),
-                rope_theta=float(merged["rope_theta"]),
-                context_window_size=int(merged.get("max_position_embeddings") or 4096),
-                tie_word_embeddings=bool(merged["tie_word_embeddings"]),
+                num_key_value_heads=_field(merged, "num_key_value_heads", int, heads),
+                head_dim=_field(merged, "head_dim", int, hidden // heads if heads > 0 else 0),
+                vocab_size=_field(merged, "vocab_size", int),
+                rms_norm_eps=_field(merged, "rms_norm_eps", float),
+                rope_theta=theta,
+                context_window_size=max_positions,
+                tie_word_embeddings=_field(merged, "tie_word_embeddings", bool),
+                rope_scaling=scaling,
+                attention_bias=_field(merged, "attention_bias", bool),
+                mlp_bias=_field(merged, "mlp_bias", bool),
             )
         except KeyError as missing:
             raise MegrezError(f"config.json lacks the field {missing}; is this a LLaMA checkpoint?") from None
@@ -109,10 +146,12 @@ class ModelConfig:
             "vocab_size": self.vocab_size,
             "tie_word_embeddings": self.tie_word_embeddings,
             "position_embedding_base": self.rope_theta,
-            "rope_scaling": None,
+            "rope_scaling": self.rope_scaling.to_json(),
             "context_window_size": self.context_window_size,
             "num_key_value_heads": self.num_key_value_heads,
             "head_dim": self.head_dim,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
             "tensor_parallel_shards": 1,
             "pipeline_parallel_stages": 1,
         }
@@ -132,15 +171,37 @@ class ModelConfig:
                 rope_theta=mlc["position_embedding_base"],
                 context_window_size=mlc["context_window_size"],
                 tie_word_embeddings=mlc["tie_word_embeddings"],
+                rope_scaling=RopeScaling.from_json(mlc.get("rope_scaling")),
+                attention_bias=mlc.get("attention_bias", False),
+                mlp_bias=mlc.get("mlp_bias", False),
             )
-        except KeyError as missing:
+        except (KeyError, TypeError) as missing:
             raise MegrezError(
-                f"mlc-chat-config.json's model_config lacks {missing}; "
+                f"mlc-chat-config.json's model_config lacks or garbles {missing}; "
                 "regenerate it with `megrez-mlc gen-config`"
             ) from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _field(merged: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
+    """merged[name] as `kind`, refusing values transformers would not take (a string for a size, "true")."""
+    value = merged.get(name, default)
+    if value is None:
+        raise KeyError(name)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise MegrezError(
+            f"config.json's {name} must be {'a boolean' if kind is bool else f'an {kind.__name__}'}"
+            f", got {value!r}; fix config.json"
+        )
+    return kind(value)
 
 
 def _check_supported_architecture(hf: dict[str, Any]) -> None:
@@ -152,12 +213,10 @@ def _check_supported_architecture(hf: dict[str, Any]) -> None:
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise MegrezError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise MegrezError(f"config.json sets {flag}=true; LLaMA/Megrez linear layers have no bias")
-    scaling = hf.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise MegrezError(f"rope_scaling {scaling} is not supported; only plain RoPE is")
+    for key, what in _UNSUPPORTED_IF_SET.items():
+        value = hf.get(key)
+        if value is not None and not (key == "pretraining_tp" and value == 1):
+            raise MegrezError(f"config.json sets {key}: {what} is not supported")
 
 
 def _report_disagreements(hf: dict[str, Any], preset: dict[str, Any]) -> None:
@@ -210,10 +269,21 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         raise MegrezError(
             f"{path} not found; pass the folder of a Hugging Face checkpoint (with config.json)"
         )
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, tokenizer.json, generation_config.json) that must hold an
+    object; anything else is the user's broken download, named as such."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MegrezError(f"{path} is not valid JSON ({err}); re-download the checkpoint") from None
+        raise MegrezError(f"{path} is not valid JSON ({err}); fix or re-download the checkpoint") from None
+    if not isinstance(value, dict):
+        raise MegrezError(
+            f"{path} holds a JSON {type(value).__name__}, not an object; fix or re-download the checkpoint"
+        )
+    return value
 
 
 def load_hf_model_config(

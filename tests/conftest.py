@@ -98,12 +98,12 @@ def reference_state_dict(model_dir: Path, config: ModelConfig) -> dict[str, np.n
     stored = load_tensors(model_dir)
     state = {}
     for spec in llama_param_specs(config):
-        if f"{spec.name}.q_weight" in stored:
+        if spec.matrix and f"{spec.name}.q_weight" in stored:
             full = dequantize_int4(
                 stored[f"{spec.name}.q_weight"], stored[f"{spec.name}.q_scale"], spec.shape[1]
             )
         else:
-            full = stored[f"{spec.name}.weight"].astype(np.float32)
+            full = stored[f"{spec.name}.{spec.role}"].astype(np.float32)
         offsets = np.cumsum((0, *spec.hf_rows))
         for name, start, stop in zip(spec.hf_names, offsets[:-1], offsets[1:]):
             state[name] = full[start:stop]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from megrez_mlc.errors import MegrezError
 from megrez_mlc.quantize.checkpoint import Checkpoint
 from megrez_mlc.quantize.gen_config import gen_config
 from megrez_mlc.quantize.tensor_cache import TensorCacheWriter, load_tensors, read_index
+
+from .conftest import run_cli
 
 
 def test_tensor_cache_round_trip_is_byte_identical(tmp_path: Path) -> None:
@@ -141,8 +144,15 @@ def test_config_without_preset_uses_llama_defaults(tmp_path: Path) -> None:
     [
         ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "not LlamaForCausalLM"),
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
-        ({"attention_bias": True}, "attention_bias=true"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, "RoPE type 'longrope' is not supported"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "already-quantized checkpoint"),
+        ({"sliding_window": 4096}, "sliding-window attention is not supported"),
+        ({"pretraining_tp": 2}, "pretraining_tp > 1 is not supported"),
+        ({"num_attention_heads": "four"}, "num_attention_heads must be an int, got 'four'"),
+        ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be a boolean, got 'false'"),
+        ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a positive number"),
+        ({"rope_theta": "5e6"}, "rope_theta must be a number"),
     ],
 )
 def test_unsupported_configs_are_refused(tiny_hf: Path, tmp_path: Path, change: dict, message: str) -> None:
@@ -152,3 +162,38 @@ def test_unsupported_configs_are_refused(tiny_hf: Path, tmp_path: Path, change: 
     (hf / "config.json").write_text(json.dumps(config))
     with pytest.raises(MegrezError, match=message):
         load_hf_model_config(hf)
+
+
+FOUR_HEADS = object()  # config.json with "num_attention_heads": "four"
+
+
+@pytest.mark.parametrize(
+    ("verb", "file", "content", "message"),
+    [
+        ("convert-weight", "config.json", "[1, 2]", "config.json holds a JSON list, not an object"),
+        ("gen-config", "config.json", "[1, 2]", "config.json holds a JSON list, not an object"),
+        ("convert-weight", "config.json", FOUR_HEADS, "num_attention_heads must be an int, got 'four'"),
+        ("gen-config", "config.json", FOUR_HEADS, "num_attention_heads must be an int, got 'four'"),
+        ("gen-config", "tokenizer.json", '{"model": ', "tokenizer.json is not valid JSON"),
+        ("gen-config", "generation_config.json", '{"eos_token_id": [5, 100000]}', "eos_token_id 100000"),
+        (
+            "gen-config",
+            "generation_config.json",
+            '{"temperature": "hot"}',
+            "temperature = 'hot', not a number",
+        ),
+    ],
+)
+def test_broken_checkpoint_files_are_one_line_errors(
+    tiny_hf: Path, tmp_path: Path, verb: str, file: str, content: object, message: str
+) -> None:
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf, hf)
+    if content is FOUR_HEADS:
+        content = json.dumps(json.loads((hf / "config.json").read_text()) | {"num_attention_heads": "four"})
+    (hf / file).write_text(content)
+    out = tmp_path / "out"
+    proc = run_cli(verb, str(hf), "-q", "q4f32_1", "-o", str(out), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr
+    assert not out.exists()

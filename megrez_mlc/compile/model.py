@@ -19,6 +19,7 @@ from ..config import ModelConfig
 from ..quantize.group_quant import quantized_shapes
 from ..quantize.schemes import QuantScheme
 from . import cpu_attention, ops
+from .rope_kernel import split_rotary
 
 
 def _is_single_token(x: Tensor) -> bool:
@@ -27,12 +28,15 @@ def _is_single_token(x: Tensor) -> bool:
 
 
 class Linear(nn.Module):
-    """y = x @ W^T with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4 groups).
+    """y = x @ W^T (+ b) with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4
+    groups); a bias, when the checkpoint has one, stays in the model's float type as `.bias`.
 
     `cpu` picks CPU-friendly formulations: float32 dequantization, and a dedicated GEMV for one token.
     """
 
-    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, cpu: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, scheme: QuantScheme, cpu: bool, bias: bool = False
+    ) -> None:
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = scheme.model_dtype
@@ -43,9 +47,13 @@ class Linear(nn.Module):
             self.q_scale = nn.Parameter(q_scale_shape, scheme.scale_dtype)
         else:
             self.weight = nn.Parameter((out_features, in_features), scheme.model_dtype)
+        self.bias = nn.Parameter((out_features,), scheme.model_dtype) if bias else None
 
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        out_dtype = out_dtype or self.dtype
+        y = self._matmul(x, out_dtype or self.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _matmul(self, x: Tensor, out_dtype: str) -> Tensor:
         if hasattr(self, "q_weight"):
             if self.cpu and _is_single_token(x):
                 return op.tensor_expr_op(
@@ -82,13 +90,14 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, scheme, cpu)
-        self.o_proj = Linear(config.attention_out_features, config.hidden_size, scheme, cpu)
+        bias = config.attention_bias
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, scheme, cpu, bias)
+        self.o_proj = Linear(config.attention_out_features, config.hidden_size, scheme, cpu, bias)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
-        # RoPE is applied inside the KV cache (RopeMode.NORMAL), with the model's rope_theta.
+        # RoPE is applied inside the KV cache (RopeMode.NORMAL), by the kernel of rope_kernel.py.
         out = kv_cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
 
@@ -96,8 +105,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
         self.cpu = cpu
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, scheme, cpu)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, scheme, cpu)
+        bias = config.mlp_bias
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, scheme, cpu, bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, scheme, cpu, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
@@ -148,15 +158,18 @@ FAST_CPU_ATTENTION = {
 }
 
 
-def _use_fast_cpu_attention(config: ModelConfig, dtype: str) -> None:
-    """Swap TVM's CPU attention kernels in the module being built for ours (see cpu_attention.py)."""
+def _replace_kv_cache_kernels(config: ModelConfig, dtype: str, cpu: bool) -> None:
+    """Swap kernels of the KV cache being built for ours: the RoPE kernel (rope_kernel.py) on every target,
+    and on CPUs TVM's attention kernels (cpu_attention.py)."""
+    replacements = {"fused_rope": split_rotary(config, dtype)}
+    if cpu:
+        heads = (config.num_key_value_heads, config.num_attention_heads, config.head_dim, dtype)
+        replacements |= {symbol: factory(*heads) for symbol, factory in FAST_CPU_ATTENTION.items()}
     bb = rx.BlockBuilder.current()
     for gvar, func in bb.get().functions_items():
-        factory = FAST_CPU_ATTENTION.get(func.attrs.get("global_symbol") if func.attrs else None)
-        if factory is not None:
-            bb.update_func(
-                gvar, factory(config.num_key_value_heads, config.num_attention_heads, config.head_dim, dtype)
-            )
+        replacement = replacements.get(func.attrs.get("global_symbol") if func.attrs else None)
+        if replacement is not None:
+            bb.update_func(gvar, replacement)
 
 
 class MegrezForCausalLM(nn.Module):
@@ -232,15 +245,14 @@ class MegrezForCausalLM(nn.Module):
             rope_mode=RopeMode.NORMAL,
             rope_scale=1,
             rope_theta=c.rope_theta,
-            rope_scaling={},
+            rope_scaling={},  # ours, in the swapped-in RoPE kernel
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
             dtype=self.dtype,
             target=self.target,
         )
-        if self.target.kind.name == "llvm":
-            _use_fast_cpu_attention(c, self.dtype)
+        _replace_kv_cache_kernels(c, self.dtype, cpu=self.target.kind.name == "llvm")
         return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

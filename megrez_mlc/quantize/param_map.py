@@ -6,6 +6,7 @@ along the output axis); `rotary_emb.inv_freq` buffers are ignored (RoPE runs ins
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,16 +18,18 @@ from .schemes import QuantScheme
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One MLC parameter: its base name, the HF tensors stacked on axis 0 to make it, its float shape.
+    """One MLC parameter: its base name, the HF tensors stacked on axis 0 to make it, its float shape, and
+    what it is of its layer (`weight` or `bias`).
 
     `matrix` parameters ([N, K]: linears, the embedding, lm_head) are int4-quantized under q4 schemes;
-    the others (RMSNorm weights) stay in the model's float type.
+    the others (RMSNorm weights, biases) stay in the model's float type.
     """
 
     name: str
     hf_names: tuple[str, ...]
     hf_rows: tuple[int, ...]
     shape: tuple[int, ...]
+    role: str = "weight"
 
     @property
     def matrix(self) -> bool:
@@ -50,31 +53,40 @@ def _spec(name: str, sources: list[tuple[str, int]], cols: int | None) -> ParamS
     return ParamSpec(name, tuple(s for s, _ in sources), rows, shape)
 
 
+def _linear(name: str, sources: list[tuple[str, int]], cols: int, bias: bool) -> list[ParamSpec]:
+    """A (fused) linear layer: `X.weight` tensors stacked on axis 0, then their `X.bias` ones if any."""
+    weight = _spec(name, [(f"{hf}.weight", rows) for hf, rows in sources], cols)
+    if not bias:
+        return [weight]
+    bias_sources = [(f"{hf}.bias", rows) for hf, rows in sources]
+    return [weight, dataclasses.replace(_spec(name, bias_sources, None), role="bias")]
+
+
 def llama_param_specs(config: ModelConfig) -> list[ParamSpec]:
     """Every parameter of the LLaMA graph in the order the compiled model declares them."""
     hidden, inter = config.hidden_size, config.intermediate_size
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
     specs = [_spec("model.embed_tokens", [("model.embed_tokens.weight", config.vocab_size)], hidden)]
+    attn_bias, mlp_bias = config.attention_bias, config.mlp_bias
     for i in range(config.num_hidden_layers):
         hf, mlc = f"model.layers.{i}", f"model.layers.{i}"
+        attn, mlp = f"{hf}.self_attn", f"{hf}.mlp"
         specs += [
-            _spec(
+            *_linear(
                 f"{mlc}.self_attn.qkv_proj",
-                [
-                    (f"{hf}.self_attn.q_proj.weight", q_rows),
-                    (f"{hf}.self_attn.k_proj.weight", kv_rows),
-                    (f"{hf}.self_attn.v_proj.weight", kv_rows),
-                ],
+                [(f"{attn}.q_proj", q_rows), (f"{attn}.k_proj", kv_rows), (f"{attn}.v_proj", kv_rows)],
                 hidden,
+                attn_bias,
             ),
-            _spec(f"{mlc}.self_attn.o_proj", [(f"{hf}.self_attn.o_proj.weight", hidden)], q_rows),
-            _spec(
+            *_linear(f"{mlc}.self_attn.o_proj", [(f"{attn}.o_proj", hidden)], q_rows, attn_bias),
+            *_linear(
                 f"{mlc}.mlp.gate_up_proj",
-                [(f"{hf}.mlp.gate_proj.weight", inter), (f"{hf}.mlp.up_proj.weight", inter)],
+                [(f"{mlp}.gate_proj", inter), (f"{mlp}.up_proj", inter)],
                 hidden,
+                mlp_bias,
             ),
-            _spec(f"{mlc}.mlp.down_proj", [(f"{hf}.mlp.down_proj.weight", hidden)], inter),
+            *_linear(f"{mlc}.mlp.down_proj", [(f"{mlp}.down_proj", hidden)], inter, mlp_bias),
             _spec(f"{mlc}.input_layernorm", [(f"{hf}.input_layernorm.weight", hidden)], None),
             _spec(
                 f"{mlc}.post_attention_layernorm", [(f"{hf}.post_attention_layernorm.weight", hidden)], None
@@ -94,7 +106,7 @@ def stored_tensors(spec: ParamSpec, scheme: QuantScheme) -> list[StoredTensor]:
             StoredTensor(f"{spec.name}.q_weight", q_weight_shape, "uint32"),
             StoredTensor(f"{spec.name}.q_scale", q_scale_shape, scheme.scale_dtype),
         ]
-    return [StoredTensor(f"{spec.name}.weight", spec.shape, scheme.model_dtype)]
+    return [StoredTensor(f"{spec.name}.{spec.role}", spec.shape, scheme.model_dtype)]
 
 
 def expected_hf_shapes(spec: ParamSpec) -> dict[str, tuple[int, ...]]:
