@@ -212,6 +212,10 @@ def run_chat(
     engine = Engine(prepared.model_dir, prepared.model_lib, device, max_batch_size=1)
     session = ChatSession(engine, system=system, **sampling)
     interactive = sys.stdin.isatty()
+    if not interactive:
+        # A line that is not UTF-8 must not end the conversation: read its bytes as surrogates, so the
+        # tokenizer refuses that one message (an error line) and the next line is read as usual.
+        sys.stdin.reconfigure(errors="surrogateescape")
     read = terminal_reader() if interactive else stream_reader(sys.stdin)
     repl = ChatRepl(session, read, sys.stdout)
     if interactive:

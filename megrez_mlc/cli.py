@@ -40,7 +40,86 @@ class _OneLineFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """click's own errors (an unknown option, a value out of range) as one `error:` line and exit status 1,
+    like every other error, instead of click's "Usage: ... Error: ..." block and status 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        kwargs.setdefault("prog_name", self.name)  # under `python -m megrez_mlc` too: the command users type
+        try:
+            exit_code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # plain `megrez-mlc`: the help, as click shows it
+            err.show()
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            message = " ".join(err.format_message().split())
+            # click's own messages ("No such option", "Missing argument") leave the fix to the help.
+            ctx = getattr(err, "ctx", None)
+            hint = f"; see `{ctx.command_path} --help`" if ctx and not isinstance(err, _BadValue) else ""
+            click.echo(f"error: {message.rstrip('.')}{hint}", err=True)
+            sys.exit(1)
+        except click.Abort:  # Ctrl-C while click itself reads input
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        # Without standalone mode click returns the code of --help / --version (0) or the verb's None.
+        sys.exit(exit_code or 0)
+
+
+class _BadValue(click.UsageError):
+    """An option's value refused with a message that names the option and the values it takes."""
+
+
+class _IntRange(click.ParamType):
+    """An integer from `low` to `high` (no upper limit when None): 0 or a negative count is refused with the
+    option named, never taken to mean "the default"."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int | None = None) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = click.INT.convert(value, param, ctx)
+        if number < self.low or (self.high is not None and number > self.high):
+            allowed = f"at least {self.low}" if self.high is None else f"from {self.low} to {self.high}"
+            raise _BadValue(f"{_option_name(param)} must be {allowed}, got {number}")
+        return number
+
+
+def _option_name(param: click.Parameter | None) -> str:
+    return max(param.opts, key=len) if param is not None else "the value"
+
+
+# Sizes and counts (tokens, sequences, threads, runs): 1 or more.
+COUNT = _IntRange(1)
+PORT = _IntRange(1, 65535)
+
+
+def _check_sampling(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A sampling option against the same ranges as SamplingParams, before anything is loaded."""
+    if value is None:
+        return value
+    from .runtime.sampling import sampling_problem
+
+    problem = sampling_problem(param.name, value)
+    if problem:
+        raise _BadValue(f"{_option_name(param)} {problem}")
+    return value
+
+
+def _check_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A prompt the tokenizer can encode (an argument of bytes that are not UTF-8 cannot be)."""
+    from .runtime.tokenizer import check_text
+
+    try:
+        check_text(value, _option_name(param))
+    except MegrezError as err:
+        raise _BadValue(str(err)) from None
+    return value
+
+
+@click.group("megrez-mlc", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="megrez-mlc")
 def main() -> None:
     """Run Megrez-3B on your own device: convert, compile, generate (MLC-LLM compatible)."""
@@ -70,7 +149,7 @@ quantization_option = click.option(
     help="Write into a folder holding other files (left alone) or a model of another quantization.",
 )
 @click.option(
-    "--threads", type=int, default=None, help="Converter threads (default: one per core, at most 8)."
+    "--threads", type=COUNT, default=None, help="Converter threads (default: one per core, at most 8)."
 )
 @_report_errors
 def convert_weight_cmd(
@@ -109,9 +188,9 @@ def verify_cmd(model_dir: Path) -> None:
 @quantization_option
 @click.option("--conv-template", default="megrez", show_default=True, help="Conversation template.")
 @click.option(
-    "--context-window-size", type=int, default=None, help="Longest sequence (default: the model's)."
+    "--context-window-size", type=COUNT, default=None, help="Longest sequence (default: the model's)."
 )
-@click.option("--prefill-chunk-size", type=int, default=None, help="Most tokens per prefill call.")
+@click.option("--prefill-chunk-size", type=COUNT, default=None, help="Most tokens per prefill call.")
 @click.option("--preset", default=None, help="Model preset (default: guessed from the folder name).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output model folder.")
 @click.option(
@@ -165,9 +244,9 @@ def gen_config_cmd(
     default=None,
     help="Symbol prefix of a static (.tar/.wasm) library (default: llama_<quantization>_).",
 )
-@click.option("--max-batch-size", type=int, default=32, show_default=True)
-@click.option("--context-window-size", type=int, default=None, help="Override the config's context window.")
-@click.option("--prefill-chunk-size", type=int, default=None, help="Override the config's prefill chunk.")
+@click.option("--max-batch-size", type=COUNT, default=32, show_default=True)
+@click.option("--context-window-size", type=COUNT, default=None, help="Override the config's context window.")
+@click.option("--prefill-chunk-size", type=COUNT, default=None, help="Override the config's prefill chunk.")
 @_report_errors
 def compile_cmd(
     model: Path,
@@ -252,20 +331,55 @@ def package_cmd(package_config: Path, output: Path) -> None:
         )
 
 
+def max_tokens_option(default: int, help: str) -> Callable[..., Any]:
+    return click.option(
+        "--max-tokens", type=int, default=default, show_default=True, callback=_check_sampling, help=help
+    )
+
+
+temperature_option = click.option(
+    "--temperature",
+    type=float,
+    default=None,
+    callback=_check_sampling,
+    help="0 = greedy (default: the model's).",
+)
+top_p_option = click.option(
+    "--top-p",
+    type=float,
+    default=None,
+    callback=_check_sampling,
+    help="Nucleus sampling mass (default: the model's).",
+)
+
+
 def _sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
+        max_tokens_option(256, "Most tokens to generate."),
+        temperature_option,
+        top_p_option,
         click.option(
-            "--max-tokens", type=int, default=256, show_default=True, help="Most tokens to generate."
+            "--top-k",
+            type=int,
+            default=0,
+            show_default=True,
+            callback=_check_sampling,
+            help="Sample among the k best; 0 = all.",
         ),
-        click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's)."),
         click.option(
-            "--top-p", type=float, default=None, help="Nucleus sampling mass (default: the model's)."
+            "--repetition-penalty",
+            type=float,
+            default=None,
+            callback=_check_sampling,
+            help="Default: the model's.",
         ),
         click.option(
-            "--top-k", type=int, default=0, show_default=True, help="Sample among the k best; 0 = all."
+            "--seed",
+            type=int,
+            default=None,
+            callback=_check_sampling,
+            help="Random seed for reproducible sampling.",
         ),
-        click.option("--repetition-penalty", type=float, default=None, help="Default: the model's."),
-        click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -285,7 +399,9 @@ def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
 @main.command("generate")
 @click.argument("model", type=click.Path(path_type=Path))
 @_model_lib_option
-@click.option("--prompt", "-p", required=True, help="The prompt (a user message unless --raw).")
+@click.option(
+    "--prompt", "-p", required=True, callback=_check_prompt, help="The prompt (a user message unless --raw)."
+)
 @click.option("--raw", is_flag=True, help="Tokenize the prompt as is: no chat template, no BOS.")
 @_sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
@@ -365,9 +481,9 @@ def _model_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("model")
 @_model_source_options
 @click.option("--system", default=None, help="System prompt (default: Megrez's).")
-@click.option("--temperature", type=float, default=None, help="0 = greedy (default: the model's).")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass (default: the model's).")
-@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest answer.")
+@temperature_option
+@top_p_option
+@max_tokens_option(1024, "Longest answer.")
 @_report_errors
 def chat_cmd(
     model: str,
@@ -398,20 +514,20 @@ def chat_cmd(
 @click.argument("model")
 @_model_source_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=PORT, default=8000, show_default=True)
 @click.option(
-    "--max-num-sequence", type=int, default=8, show_default=True, help="Requests decoded together, at most."
+    "--max-num-sequence", type=COUNT, default=8, show_default=True, help="Requests decoded together, at most."
 )
 @click.option(
     "--max-total-seq-len",
-    type=int,
+    type=COUNT,
     default=None,
     help="KV-cache size in tokens, shared by all sequences (default: the context window).",
 )
-@click.option("--prefill-chunk-size", type=int, default=None, help="Most prompt tokens per prefill call.")
+@click.option("--prefill-chunk-size", type=COUNT, default=None, help="Most prompt tokens per prefill call.")
 @click.option(
     "--max-queue",
-    type=int,
+    type=_IntRange(0),
     default=64,
     show_default=True,
     help="Requests that may wait for a free sequence; more get a 429.",
@@ -423,7 +539,7 @@ def chat_cmd(
     help="Require `Authorization: Bearer KEY` on every request (or set MEGREZ_MLC_API_KEY).",
 )
 @click.option("--served-model-name", default=None, help="The name clients use (default: MODEL's name).")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: the physical cores).")
+@click.option("--threads", type=COUNT, default=None, help="CPU threads (default: the physical cores).")
 @_report_errors
 def serve_cmd(
     model: str,
@@ -463,11 +579,11 @@ def serve_cmd(
 @main.command("bench")
 @click.argument("model", type=click.Path(path_type=Path))
 @_model_lib_option
-@click.option("--prompt-len", type=int, default=128, show_default=True, help="Prompt tokens per sequence.")
-@click.option("--gen-len", type=int, default=128, show_default=True, help="Generated tokens per sequence.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoded together.")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: the physical cores).")
-@click.option("--runs", type=int, default=3, show_default=True, help="Measured runs (the median is shown).")
+@click.option("--prompt-len", type=COUNT, default=128, show_default=True, help="Prompt tokens per sequence.")
+@click.option("--gen-len", type=COUNT, default=128, show_default=True, help="Generated tokens per sequence.")
+@click.option("--batch", type=COUNT, default=1, show_default=True, help="Sequences decoded together.")
+@click.option("--threads", type=COUNT, default=None, help="CPU threads (default: the physical cores).")
+@click.option("--runs", type=COUNT, default=3, show_default=True, help="Measured runs (the median is shown).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
 @_report_errors
 def bench_cmd(

@@ -8,12 +8,14 @@ Input, MLC's mlc-package-config.json:
                    "bundle_weight": copy the weights into the bundle (default false),
                    "overrides": {"context_window_size", "prefill_chunk_size", "max_batch_size"},
                    "model_lib": optional system-library name (default "llama_<quantization>"),
-                   "model_url": where the app downloads the weights (needed unless bundled on iPhone)}]}
+                   "model_url": where the app downloads the weights (needed unless bundle_weight)}]}
 Output, as `mlc_llm package` writes it:
   OUT/lib/<model_lib>.tar         each model library: static objects, symbols prefixed "<model_lib>_"
   OUT/lib/libmodel_<device>.a     all of them in the static archive the app's build links (needs llvm-ar)
   OUT/bundle/mlc-app-config.json  {"model_list": [{model_id, model_lib, model_url | model_path,
                                                    estimated_vram_bytes}]}
+                                  (model_path = model_id for weights bundled on iPhone; model_url is the
+                                  given one, or else the "model" value as written, as MLC writes it)
   OUT/bundle/<model_id>/          weights, mlc-chat-config.json and tokenizer files, when bundle_weight
 Files of OUT this verb does not write (the app's mlc4j build, say) are left alone.
 """
@@ -39,6 +41,7 @@ from .quantize.gen_config import CHAT_CONFIG_FILE, read_chat_config
 from .quantize.schemes import get_scheme
 from .quantize.tensor_cache import INDEX_FILE, check_shard_sizes, read_index, tensor_records
 from .runtime.model_lib import PAGE_SIZE
+from .staging import check_writable
 
 log = logging.getLogger("megrez_mlc")
 
@@ -50,6 +53,7 @@ APP_CONFIG_FILE = "mlc-app-config.json"
 
 @dataclass(frozen=True)
 class ModelEntry:
+    model: str  # as the package config writes it
     model_dir: Path
     model_id: str
     model_lib: str
@@ -107,7 +111,7 @@ def read_package_config(path: Path) -> tuple[str, list[ModelEntry]]:
     models = config.get("model_list")
     if not isinstance(models, list) or not models:
         raise MegrezError(f'{path}: "model_list" must be a non-empty list of models')
-    entries = [_read_entry(path, i, raw, device) for i, raw in enumerate(models)]
+    entries = [_read_entry(path, i, raw) for i, raw in enumerate(models)]
     ids = [e.model_id for e in entries]
     if len(set(ids)) != len(ids):
         raise MegrezError(f"{path}: model_id values must be unique, got {ids}")
@@ -121,7 +125,7 @@ def read_package_config(path: Path) -> tuple[str, list[ModelEntry]]:
     return device, entries
 
 
-def _read_entry(path: Path, index: int, raw: Any, device: str) -> ModelEntry:
+def _read_entry(path: Path, index: int, raw: Any) -> ModelEntry:
     where = f"{path}: model_list[{index}]"
     if not isinstance(raw, dict):
         raise MegrezError(f"{where} must be an object")
@@ -149,13 +153,11 @@ def _read_entry(path: Path, index: int, raw: Any, device: str) -> ModelEntry:
         raise MegrezError(f'{where}: "bundle_weight" must be true or false')
     if vram is not None and (not isinstance(vram, int) or vram <= 0):
         raise MegrezError(f'{where}: "estimated_vram_bytes" must be a positive integer (or left out)')
-    if model_url is None and not (bundle_weight and device == "iphone"):
-        need = (
-            "MLCChat for Android reads model_url for every model"
-            if device == "android"
-            else ("without bundle_weight the app downloads the weights")
+    if model_url is None and not bundle_weight:
+        raise MegrezError(
+            f'{where} needs "model_url" (where the converted folder is hosted, for the app to download) or '
+            '"bundle_weight": true (the weights go into the bundle)'
         )
-        raise MegrezError(f'{where} needs "model_url" (where the converted folder is hosted): {need}')
     if model_url is not None and not (
         isinstance(model_url, str) and model_url.startswith(("https://", "http://"))
     ):
@@ -163,6 +165,7 @@ def _read_entry(path: Path, index: int, raw: Any, device: str) -> ModelEntry:
     model_lib = raw.get("model_lib", f"llama_{chat_config['quantization']}")
     check_system_lib_prefix(f"{model_lib}_")
     return ModelEntry(
+        model=raw["model"],
         model_dir=model_dir,
         model_id=raw["model_id"],
         model_lib=model_lib,
@@ -177,6 +180,9 @@ def _read_entry(path: Path, index: int, raw: Any, device: str) -> ModelEntry:
 def package(package_config: Path, output: Path) -> PackageResult:
     device, entries = read_package_config(package_config)
     target, archive_format = DEVICES[device]
+    # Before compiling, which takes a while: OUT is replaced beside itself, its lib and bundle in place.
+    for folder in (output, output / "lib", output / "bundle"):
+        check_writable(folder, folder=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.package-") as tmp:
         staging = Path(tmp)
@@ -217,7 +223,9 @@ def app_config_entry(entry: ModelEntry, library: CompileResult, device: str) -> 
     if entry.bundle_weight and device == "iphone":
         record["model_path"] = entry.model_id  # the iOS app reads bundled weights from bundle/<model_path>
     else:
-        record["model_url"] = entry.model_url
+        # As `mlc_llm package` writes it: MLCChat for Android needs a model_url for every model even when
+        # the weights are pushed to the phone (it downloads from there only when they are missing).
+        record["model_url"] = entry.model_url or entry.model
     record["estimated_vram_bytes"] = entry.estimated_vram_bytes or estimate_vram_bytes(
         entry.model_dir, entry.chat_config, library
     )

@@ -47,10 +47,29 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def check_writable(target: Path, *, folder: bool) -> None:
+    """Refuse, before any work is done, an -o path this process cannot write: a file where a folder goes (or
+    the reverse), a path under a file, or a read-only folder. Outputs are written beside `target` and then
+    renamed, so its parent (or the nearest folder that exists above it) must be writable, and so must
+    `target` itself when it is an existing folder that files are moved into."""
+    if target.exists() and target.is_dir() != folder:
+        kind = "not a folder" if folder else "a folder"
+        raise MegrezError(f"output {target} exists and is {kind}; choose another -o path")
+    above = target.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise MegrezError(f"output {target} is under {above}, which is a file; choose another -o path")
+    for place in (above, target) if folder and target.is_dir() else (above,):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise MegrezError(
+                f"cannot write output {target}: {place} is read-only for this user; choose another -o path"
+            )
+
+
 def check_target_dir(target: Path, force: bool) -> bool:
     """Refuse a target holding files megrez-mlc does not write (unless force); True if it holds only ours."""
-    if target.exists() and not target.is_dir():
-        raise MegrezError(f"output {target} exists and is not a directory; choose another -o path")
+    check_writable(target, folder=True)
     if not target.is_dir():
         return True
     foreign = sorted(p.name for p in target.iterdir() if not _matches(p.name, MODEL_DIR_PATTERNS))

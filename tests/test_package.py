@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -120,6 +121,57 @@ def test_android_float16_kernels_pass_clang(android_package) -> None:
         assert name in defined
 
 
+def test_android_bundle_without_model_url_as_mlc_writes_it(gpu_model, tmp_path: Path) -> None:
+    """MLC's own Android config for a local folder: "bundle_weight": true and no model_url. As `mlc_llm
+    package`, the app config's model_url is then the "model" value as written (MLCChat for Android needs one
+    for every model; with the weights pushed to the phone it never uses it)."""
+    model_dir = gpu_model("q4f16_1")
+    relative = os.path.relpath(model_dir, tmp_path)
+    config = write_config(
+        tmp_path,
+        {
+            "device": "android",
+            "model_list": [
+                {"model": relative, "model_id": "bundled", "bundle_weight": True},
+                {
+                    "model": relative,
+                    "model_id": "hosted",
+                    "model_url": "https://example.com/m",
+                    "estimated_vram_bytes": 123,
+                },
+            ],
+        },
+    )
+    dist = tmp_path / "dist"
+    result = package(config, dist)
+    library = result.libraries["llama_q4f16_1"]
+    window = library.metadata["context_window_size"]
+    vram = expected_vram_bytes(model_dir, window, max(library.metadata["memory_usage"].values()))
+    assert json.loads((dist / "bundle" / "mlc-app-config.json").read_text()) == {
+        "model_list": [
+            {
+                "model_id": "bundled",
+                "model_lib": "llama_q4f16_1",
+                "model_url": relative,
+                "estimated_vram_bytes": vram,
+            },
+            {
+                "model_id": "hosted",
+                "model_lib": "llama_q4f16_1",
+                "model_url": "https://example.com/m",
+                "estimated_vram_bytes": 123,
+            },
+        ]
+    }
+    assert sorted(p.name for p in (dist / "bundle").iterdir()) == ["bundled", "mlc-app-config.json"]
+    bundle = dist / "bundle" / "bundled"
+    weights = ["tensor-cache.json", *(p.name for p in model_dir.glob("params_shard_*.bin"))]
+    tokenizer = json.loads((model_dir / "mlc-chat-config.json").read_text())["tokenizer_files"]
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*weights, *tokenizer, "mlc-chat-config.json"])
+    for name in [*weights, *tokenizer]:
+        assert (bundle / name).read_bytes() == (model_dir / name).read_bytes(), name
+
+
 def test_iphone_package(iphone_package, gpu_model) -> None:
     dist, result = iphone_package
     library = result.libraries["llama_q4f16_1"]
@@ -187,7 +239,10 @@ def entry(model_dir: Path, **fields: object) -> dict:
         (lambda m: {"device": "ios", "model_list": [entry(m)]}, "got 'ios'"),
         (lambda m: {"device": "android", "model_list": []}, '"model_list" must be a non-empty list'),
         (lambda m: {"device": "android", "model_list": [entry(m, model_url=None)]}, 'needs "model_url"'),
-        (lambda m: {"device": "iphone", "model_list": [entry(m, model_url=None)]}, "downloads the weights"),
+        (
+            lambda m: {"device": "iphone", "model_list": [entry(m, model_url=None)]},
+            'or "bundle_weight": true',
+        ),
         (lambda m: {"device": "android", "model_list": [entry(m, model="HF://x/y")]}, "downloads nothing"),
         (
             lambda m: {"device": "android", "model_list": [entry(m, overrides={"tp": 2})]},
@@ -225,9 +280,9 @@ def test_package_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
 
 
 def test_a_failed_package_writes_nothing(built, tmp_path: Path) -> None:
-    """tiny_hf's head_dim of 18 is one TVM's GPU attention kernels cannot tile: the compile fails midway."""
+    """tiny_hf's head_dim of 18 is one TVM's GPU attention kernels do not support: the compile is refused."""
     config = write_config(tmp_path, {"device": "android", "model_list": [entry(built("q4f16_1").model_dir)]})
     dist = tmp_path / "out" / "dist"
-    with pytest.raises(MegrezError, match="cannot build the opencl attention kernels for head_dim=18"):
+    with pytest.raises(MegrezError, match="opencl attention kernels do not support head_dim=18"):
         package(config, dist)
     assert list((tmp_path / "out").iterdir()) == []

@@ -308,6 +308,8 @@ def test_concurrent_streams_match_each_request_alone(server: Server) -> None:
         ({"model": MODEL_NAME, "messages": MESSAGES, "n": 2}, 400, "n", None),
         ({"model": MODEL_NAME, "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", None),
         ({"model": "gpt-4o", "messages": MESSAGES}, 404, "model", "model_not_found"),
+        # JSON's escape of a lone surrogate: a str in Python, but no text a tokenizer can encode
+        ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "\udcff"}]}, 400, "messages", None),
     ],
 )
 def test_bad_chat_requests_get_openai_errors(server: Server, body, status: int, param, code) -> None:
@@ -329,10 +331,11 @@ def test_bad_chat_requests_get_openai_errors(server: Server, body, status: int, 
         ({"model": MODEL_NAME, "prompt": [1, 2, 10**9]}, "prompt"),
         ({"model": MODEL_NAME, "prompt": ""}, "prompt"),
         ({"model": MODEL_NAME, "prompt": "x", "echo": True}, "echo"),
+        ({"model": MODEL_NAME, "prompt": "a \ud800 b"}, "prompt"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(server: Server, body, param: str) -> None:
-    response = server.post("/v1/completions", json=body)
+    response = server.post("/v1/completions", content=json.dumps(body).encode())
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 

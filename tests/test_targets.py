@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,12 +17,16 @@ from pathlib import Path
 
 import pytest
 import tvm
-from tvm import relax
+import tvm_ffi
+from tvm import relax, tirx
+from tvm.relax.frontend.nn.llm import _decode_kernels, _prefill_kernels
 
 from megrez_mlc.compile import targets
 from megrez_mlc.compile.compiler import CompileResult, compile_model
-from megrez_mlc.compile.gpu import functions_left_on_host
+from megrez_mlc.compile.gpu import functions_left_on_host, unsupported_head_dim_reason
 from megrez_mlc.errors import MegrezError
+from megrez_mlc.quantize.gen_config import gen_config
+from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
 
 from .conftest import run_cli
 from .objects import object_architecture, tar_members
@@ -363,3 +368,164 @@ def test_compile_result_metadata_is_what_the_library_reports(gpu_model, tmp_path
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(result.output)), tvm.cpu())
     assert json.loads(vm["_metadata"]()) == result.metadata
     assert result.metadata["memory_usage"]["prefill"] > 0
+
+
+# --- head sizes: every GPU target compiles the ones TVM's attention kernels support, refuses the rest ------
+
+
+@pytest.fixture(scope="session")
+def head_dim_model(tmp_path_factory: pytest.TempPathFactory):
+    """(head_dim, quantization) -> a 1-layer model folder (config only: compiling reads no weights)."""
+    root = tmp_path_factory.mktemp("head-dims")
+
+    def get(head_dim: int, quantization: str) -> Path:
+        model_dir = root / f"hd{head_dim}-{quantization}"
+        if not model_dir.exists():
+            shape = TinyShape(
+                head_dim=head_dim, num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2
+            )
+            gen_config(make_tiny_checkpoint(root / f"hf{head_dim}", shape=shape), model_dir, quantization)
+        return model_dir
+
+    return get
+
+
+# A representative subset (each GPU preset once, float16 and float32, the sizes of common models); the rule
+# behind it is checked against TVM's kernel generators for every target below.
+@pytest.mark.parametrize(
+    ("target", "head_dim", "quantization", "suffix"),
+    [
+        ("android", 80, "q4f16_1", ".tar"),
+        ("cuda", 96, "q4f16_1", ".so"),
+        ("opencl", 16, "q0f32", ".so"),  # float32 OpenCL prefill at 16 needed CSE off
+        ("webgpu", 128, "q4f32_1", ".tar"),
+        ("iphone", 256, "q4f16_1", ".tar"),
+        ("metal", 64, "q4f32_1", ".tar"),
+    ],
+)
+def test_supported_head_dims_compile(
+    head_dim_model, tmp_path: Path, target: str, head_dim: int, quantization: str, suffix: str
+) -> None:
+    result = compile_model(head_dim_model(head_dim, quantization), target, tmp_path / f"lib{suffix}")
+    assert result.metadata["kv_cache"]["head_dim"] == head_dim
+    assert any(f.endswith("batch_decode_paged_kv") for f in result.device_functions)
+    assert result.output.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("target", "quantization", "nearby"),
+    [
+        ("android", "q4f16_1", "12, 16, 20, 24"),
+        ("metal", "q4f32_1", "12, 16, 20, 24"),
+        ("cuda", "q0f32", "16, 24, 32"),
+    ],
+)
+def test_unsupported_head_dim_is_refused_before_compiling(
+    head_dim_model, tmp_path: Path, target: str, quantization: str, nearby: str
+) -> None:
+    """The demo's head_dim 18: Metal's prefill tiles would take it, but the decode kernel would drop 2 of
+    every 18 values; the CLI says so in one line and writes nothing."""
+    output = tmp_path / "lib.tar"
+    kind = targets.get_target(target).device_target["kind"]
+    dtype = "float16" if quantization.endswith("f16_1") else "float32"
+    assert_clean_failure(
+        ["compile", str(head_dim_model(18, quantization)), "--target", target, "-o", str(output)],
+        f"TVM's {kind} attention kernels do not support head_dim=18 with {dtype} (its decode kernels read "
+        f"heads in vectors of 4), so target {target} cannot run this model; supported: {nearby} nearby and "
+        "64, 80, 96, 128, 256",
+        output,
+    )
+
+
+def _thread_x_and_vector(func: tirx.PrimFunc) -> tuple[int, int]:
+    """threadIdx.x's extent and the widest vectorized loop of a GPU kernel."""
+    found = {"threads": 0, "vector": 0}
+
+    def visit(loop: tirx.For) -> None:
+        if loop.kind == tirx.ForKind.THREAD_BINDING and loop.thread_binding.thread_tag == "threadIdx.x":
+            found["threads"] = int(loop.extent)
+        elif loop.kind == tirx.ForKind.VECTORIZED:
+            found["vector"] = max(found["vector"], int(loop.extent))
+
+    tvm_ffi.structural_walk(func.body, [(tirx.For, visit)])
+    return found["threads"], found["vector"]
+
+
+@pytest.mark.parametrize("head_dim", [18, 20, 64])
+def test_tvm_decode_kernel_covers_head_dims_in_fours(head_dim: int) -> None:
+    """Why head_dim % 4 is refused: TVM's decode kernel gives each of head_dim // 4 threads 4 values."""
+    target = targets.get_target("android").make()
+    func = _decode_kernels._attention_decode(1, 4, head_dim, "float16", False, {}, target)
+    threads, vector = _thread_x_and_vector(func)
+    assert threads * vector == head_dim - head_dim % 4
+    assert (unsupported_head_dim_reason(head_dim, 1, 4, "float16", target) is None) == (head_dim % 4 == 0)
+
+
+@pytest.mark.parametrize("target", ["cuda", "android", "metal", "webgpu"])
+@pytest.mark.parametrize(
+    ("head_dim", "dtype"), [(20, "float16"), (20, "float32"), (80, "float32"), (36, "float32")]
+)
+def test_head_dim_rule_agrees_with_tvm_prefill_kernels(target: str, head_dim: int, dtype: str) -> None:
+    """A head size the rule accepts gets TVM's ragged prefill kernel; one refused for tiling, a ValueError."""
+    tvm_target = targets.get_target(target).make()
+    reason = unsupported_head_dim_reason(head_dim, 2, 6, dtype, tvm_target)
+    try:
+        _prefill_kernels._attention_prefill_ragged(2, 6, head_dim, head_dim, dtype, {}, tvm_target)
+        built = True
+    except ValueError:
+        built = False
+    assert built == (reason is None)
+
+
+# --- a compile that fails inside TVM: one line, the details in a log ---------------------------------------
+
+FAILING_COMPILE = """
+import os, sys
+import tvm
+from megrez_mlc import cli
+from megrez_mlc.compile import cpu_schedule
+
+def broken(self, func, target, tunable):
+    os.write(2, b"[tvm] a diagnostic TVM writes to fd 2 itself\\n")
+    message = "Check failed: the schedule went wrong\\nthe IR with diagnostic is:\\n  T.evaluate(0)"
+    raise tvm.error.InternalError(message)
+
+cpu_schedule.TiledGEMM.apply = broken
+sys.argv = ["megrez-mlc", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_a_tvm_failure_is_one_line_with_a_log(head_dim_model, tmp_path: Path) -> None:
+    output = tmp_path / "lib.so"
+    env = {**os.environ, "MEGREZ_MLC_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FAILING_COMPILE,
+            "compile",
+            str(head_dim_model(64, "q4f32_1")),
+            "-o",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    match = re.fullmatch(
+        r"error: compiling for cpu failed \(a bug in megrez-mlc; please report it\): "
+        r"Check failed: the schedule went wrong; full log: (\S+)",
+        lines[0],
+    )
+    assert match, lines[0]
+    log = Path(match.group(1))
+    assert log.parent == tmp_path / "home" / "logs"
+    text = log.read_text()
+    assert (
+        "T.evaluate(0)" in text and "in broken" in text and "a diagnostic TVM writes to fd 2 itself" in text
+    )
+    assert not output.exists()

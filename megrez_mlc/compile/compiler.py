@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +19,10 @@ from tvm import relax
 
 from ..config import ModelConfig
 from ..errors import MegrezError
-from ..quantize.gen_config import read_chat_config
+from ..home import megrez_home
+from ..quantize.gen_config import fit_prefill_chunk, read_chat_config
 from ..quantize.schemes import QuantScheme, get_scheme
-from .gpu import device_functions, functions_left_on_host
+from .gpu import check_attention_head_dim, device_functions, functions_left_on_host
 from .model import MegrezForCausalLM
 from .pipeline import build_pipeline
 from .targets import LibraryOutput, TargetPreset, get_target
@@ -75,12 +80,7 @@ def build_ir_module(
     config: ModelConfig, scheme: QuantScheme, target: tvm.target.Target
 ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
     model = MegrezForCausalLM(config, scheme, target)
-    try:
-        return model.export_tvm(spec=model.get_default_spec())
-    except ValueError as err:  # TVM's GPU attention kernels reject some head sizes
-        raise MegrezError(
-            f"TVM cannot build the {target.kind.name} attention kernels for head_dim={config.head_dim}: {err}"
-        ) from None
+    return model.export_tvm(spec=model.get_default_spec())
 
 
 def default_system_lib_prefix(scheme: QuantScheme) -> str:
@@ -116,18 +116,55 @@ def compile_model(
     if context_window_size:
         config = config.replace(context_window_size=context_window_size)
     scheme = get_scheme(chat_config["quantization"])
-    prefill = min(prefill_chunk_size or chat_config["prefill_chunk_size"], config.context_window_size)
+    # A chunk asked for must fit the window; the model's own chunk is cut to a window made smaller here.
+    prefill = fit_prefill_chunk(
+        prefill_chunk_size or min(chat_config["prefill_chunk_size"], config.context_window_size),
+        config.context_window_size,
+    )
     preset: TargetPreset = get_target(target_name)
     preset.check_can_compile()
     target = preset.make(host, cuda_arch)
     library = preset.output(output, host)  # before compiling: an unwritable -o fails fast
     prefix = check_system_lib_prefix(system_lib_prefix or default_system_lib_prefix(scheme))
+    bounds = {"seq_len": prefill, "batch_size": max_batch_size, "total_seq_len": config.context_window_size}
+    if preset.is_gpu:
+        check_attention_head_dim(
+            config.head_dim,
+            config.num_key_value_heads,
+            config.num_attention_heads,
+            scheme.model_dtype,
+            target,
+            preset.name,
+        )
 
+    with failures_logged_as_bugs(preset.name):
+        executable, metadata, on_device = _build(config, scheme, target, preset, library, prefix, bounds)
+    _export(executable, output, preset, library)
+    return CompileResult(
+        output,
+        preset.name,
+        time.perf_counter() - start,
+        metadata,
+        prefix if library.system_lib else "",
+        on_device,
+        device_source(executable),
+    )
+
+
+def _build(
+    config: ModelConfig,
+    scheme: QuantScheme,
+    target: tvm.target.Target,
+    preset: TargetPreset,
+    library: LibraryOutput,
+    prefix: str,
+    bounds: dict[str, int],
+) -> tuple[relax.VMExecutable, dict[str, Any], tuple[str, ...]]:
+    """The TVM work: graph, pipeline, code generation; returns (executable, metadata, device functions)."""
     mod, named_params = build_ir_module(config, scheme, target)
     if library.system_lib:
         mod = mod.with_attr("system_lib_prefix", prefix)
-    metadata = library_metadata(config, scheme, named_params, prefill, max_batch_size)
-    bounds = {"seq_len": prefill, "batch_size": max_batch_size, "total_seq_len": config.context_window_size}
+    metadata = library_metadata(config, scheme, named_params, bounds["seq_len"], bounds["batch_size"])
     pipeline = build_pipeline(target, bounds, metadata, preset.schedule_passes(target))
     with target:
         mod = pipeline(mod)
@@ -140,16 +177,64 @@ def compile_model(
     # It is only an optimization, and the GPU compilers that take the generated source do it themselves.
     with tvm.transform.PassContext(config={"tirx.disable_cse_tir": preset.is_gpu}):
         executable = relax.build(mod, target, relax_pipeline=None, system_lib=library.system_lib)
-    _export(executable, output, preset, library)
-    return CompileResult(
-        output,
-        preset.name,
-        time.perf_counter() - start,
-        metadata,
-        prefix if library.system_lib else "",
-        on_device,
-        device_source(executable),
-    )
+    return executable, metadata, on_device
+
+
+@contextmanager
+def failures_logged_as_bugs(target_name: str) -> Iterator[None]:
+    """Turn an unexpected failure inside TVM into one MegrezError line that points to a log file.
+
+    TVM's messages run to hundreds of lines (a TIR dump with the failing statement marked), and its C++
+    side writes diagnostics straight to file descriptor 2, past sys.stderr. So while TVM works, fd 2 goes to
+    a temporary file; on failure the log gets that, the traceback and the full message; on success whatever
+    TVM printed is passed on to the real stderr unchanged."""
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved_stderr = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except MegrezError:
+            raise
+        except Exception as err:
+            sys.stderr.flush()
+            captured.seek(0)
+            output = captured.read().decode(errors="replace")
+            log = write_failure_log(target_name, f"{traceback.format_exc()}\n--- TVM output ---\n{output}")
+            raise MegrezError(
+                f"compiling for {target_name} failed (a bug in megrez-mlc; please report it): "
+                f"{first_line(err)}; full log: {log}"
+            ) from None
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+        captured.seek(0)
+        os.write(2, captured.read())
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message, and for a TVM schedule error the line saying what broke."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    detail = next((line for line in lines[1:] if line.startswith("Error message:")), None)
+    return f"{lines[0]} {detail}" if detail else lines[0]
+
+
+def write_failure_log(target_name: str, text: str) -> Path:
+    """Write `text` to a new file in $MEGREZ_MLC_HOME/logs, or in the temporary folder when that is not
+    writable; returns the file."""
+    name = f"compile-{target_name}-{time.strftime('%Y%m%d-%H%M%S')}-"
+    try:
+        folder = megrez_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=name, suffix=".log", dir=folder)
+    except OSError:
+        fd, path = tempfile.mkstemp(prefix=name, suffix=".log")
+    with os.fdopen(fd, "w") as log:
+        log.write(text)
+    return Path(path)
 
 
 def check_all_on_device(mod: tvm.IRModule, preset: TargetPreset) -> None:

@@ -141,24 +141,25 @@ class TiledGEMM(ScheduleRule):
         loops = sch.get_loops(matmul)
         if len(loops) != 4:
             return None
-        cols = _extent(sch, loops[2])
-        nb = _largest_divisor(cols, (GEMM_COLS_PER_TILE, 16, 8, 4, 2))
-        # Pad the token axes to whole tiles, so the FMA kernel has no bounds checks.
+        nb = GEMM_COLS_PER_TILE
+        # Pad the token axis to whole tiles, so the FMA kernel has no bounds checks; the output features
+        # too when NB does not divide them (an odd vocabulary): a padded tile of zero weights costs less
+        # than a narrower, slower tile for every column.
         token_axis = 1 if _extent(sch, loops[0]) == 1 else 0
         padding = [1, 1, 1, 1]
         padding[token_axis] = GEMM_ROWS_PER_TILE
+        pad_cols = _extent(sch, loops[2]) % nb != 0
+        if pad_cols:
+            padding[2] = nb
         sch.pad_einsum(matmul, padding)
+        weight_tile = _weight_tile(sch, matmul, quantized="dequantize" in names, padded=pad_cols)
         # the padding copies and the epilogues (casts, residual adds) around the GEMM
+        gemm_blocks = (sch.get(matmul), sch.get(weight_tile))
         surroundings = [
             block
             for block in sch.get_child_blocks(sch.get_sblock("root"))
-            if sch.get(block).name_hint not in ("matmul", "dequantize")
+            if not any(sch.get(block).same_as(b) for b in gemm_blocks)
         ]
-
-        if "dequantize" in names:
-            weight_tile = sch.get_sblock("dequantize")
-        else:  # float weights: copy a transposed tile instead of dequantizing one
-            weight_tile = sch.cache_read(matmul, 1, "global")
 
         b, m, n, k = sch.get_loops(matmul)
         token = m if token_axis == 1 else b
@@ -178,7 +179,7 @@ class TiledGEMM(ScheduleRule):
         sch.compute_at(weight_tile, col_tiles)
         sch.transform_layout(weight_tile, ("write", 0), lambda row, col: (col, row))
         tile_rows, tile_k = sch.get_loops(weight_tile)[-2:]
-        if "dequantize" in names and _extent(sch, tile_k) is not None and _extent(sch, tile_k) % 8 == 0:
+        if "dequantize" in names and _extent(sch, tile_k) % 8 == 0:
             words, nibble = sch.split(tile_k, [None, 8])  # one word feeds 8 rows of the tile
             sch.reorder(words, nibble, tile_rows)
             sch.unroll(nibble)
@@ -189,6 +190,23 @@ class TiledGEMM(ScheduleRule):
         for block in surroundings:
             _parallelize(sch, block)
         return sch
+
+
+def _weight_tile(
+    sch: s_tir.Schedule, matmul: s_tir.SBlockRV, quantized: bool, padded: bool
+) -> s_tir.SBlockRV:
+    """The block that writes the GEMM's weight operand, to be computed one [K, NB] tile at a time.
+
+    Quantized weights: the dequantize block, or, when pad_einsum padded the output features, its
+    zero-padded copy with the dequantization inlined into it. Float weights: the padded copy, or a new
+    copy of the weight (so the tile can be stored transposed)."""
+    if not padded:
+        return sch.get_sblock("dequantize") if quantized else sch.cache_read(matmul, 1, "global")
+    weight = sch.get(matmul).reads[1].source
+    (padded_copy,) = [b for b in sch.get_producers(matmul) if sch.get(b).writes[0].source.same_as(weight)]
+    if quantized:
+        sch.compute_inline(sch.get_sblock("dequantize"))
+    return padded_copy
 
 
 class RowNorm(ScheduleRule):

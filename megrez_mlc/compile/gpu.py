@@ -11,7 +11,17 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import relax, tirx
+from tvm.relax.frontend.nn.llm._kernel_common import _get_prefill_kernel_config
 from tvm.s_tir import dlight
+
+from ..errors import MegrezError
+
+# TVM's GPU decode and merge-state kernels read head_dim in vectors of 4 (`VEC_SIZE` in _decode_kernels.py,
+# computed from a hard-coded 2-byte element): bdx = head_dim // 4 threads cover 4 * (head_dim // 4) values, so
+# any other head_dim builds without error and silently drops the last head_dim % 4 of them.
+DECODE_VECTOR = 4
+# Head sizes of common models, named in the refusal when the target supports them.
+COMMON_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 # The Relax function whose PrimFuncs make up TVM's paged KV cache (attention, append, copy kernels).
 KV_CACHE_CREATOR = "create_tir_paged_kv_cache"
@@ -102,4 +112,37 @@ def functions_left_on_host(mod: tvm.IRModule) -> list[str]:
         and gv.name_hint not in kv_cache
         and not func.attrs.get("tirx.is_host_func", False)
         and not binds_gpu_threads(func)
+    )
+
+
+def unsupported_head_dim_reason(
+    head_dim: int, num_kv_heads: int, num_heads: int, dtype: str, target: tvm.target.Target
+) -> str | None:
+    """Why TVM's GPU attention kernels cannot serve this head size (None: they can)."""
+    if head_dim % DECODE_VECTOR:
+        return f"its decode kernels read heads in vectors of {DECODE_VECTOR}"
+    try:  # the tiling every prefill kernel (ragged, paged, tree) asks for, TVM's own legality check included
+        _get_prefill_kernel_config(num_kv_heads, num_heads, head_dim, dtype, target)
+    except (ValueError, AssertionError):
+        return "its prefill kernels find no thread tiling for it"
+    return None
+
+
+def check_attention_head_dim(
+    head_dim: int, num_kv_heads: int, num_heads: int, dtype: str, target: tvm.target.Target, name: str
+) -> None:
+    """Refuse, before any compiling, a head size TVM's GPU attention kernels do not build (or build wrong)."""
+    reason = unsupported_head_dim_reason(head_dim, num_kv_heads, num_heads, dtype, target)
+    if reason is None:
+        return
+
+    def supported(d: int) -> bool:
+        return unsupported_head_dim_reason(d, num_kv_heads, num_heads, dtype, target) is None
+
+    nearby = [d for d in range(max(DECODE_VECTOR, head_dim - 8), head_dim + 16) if supported(d)][:4]
+    common = [d for d in COMMON_HEAD_DIMS if supported(d)]
+    raise MegrezError(
+        f"TVM's {target.kind.name} attention kernels do not support head_dim={head_dim} with {dtype} "
+        f"({reason}), so target {name} cannot run this model; supported: {', '.join(map(str, nearby))} "
+        f"nearby and {', '.join(map(str, common))}; compile for --target cpu, which has no such limit"
     )

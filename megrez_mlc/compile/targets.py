@@ -21,6 +21,7 @@ from tvm.support import cc, emcc, ndk
 from tvm.target import codegen
 
 from ..errors import MegrezError
+from ..staging import check_writable
 from .cpu_schedule import cpu_schedule_passes
 from .gpu import gpu_schedule_passes
 
@@ -141,13 +142,16 @@ class TargetPreset:
         return host or self.default_host or this_machine_triple()
 
     def output(self, output: Path, host: str | None = None) -> LibraryOutput:
-        """How `-o output` is written, or a MegrezError for a suffix this target or machine cannot write."""
+        """How `-o output` is written, or a MegrezError for a suffix this target or machine cannot write, or
+        a path this process cannot write to."""
         if output.suffix not in self.library_suffixes:
             raise MegrezError(
                 f"-o {output}: target {self.name} writes {' or '.join(self.library_suffixes)} files; "
                 f"e.g. -o model-{self.name}{self.library_suffixes[0]}"
             )
-        return library_output(output, self.host_triple(host))
+        library = library_output(output, self.host_triple(host))
+        check_writable(output, folder=False)
+        return library
 
     def cannot_compile_reason(self) -> str | None:
         """Why this TVM build cannot generate this target's code (None: it can)."""
@@ -322,7 +326,7 @@ def target_statuses() -> list[TargetStatus]:
         outputs = []
         for suffix in preset.library_suffixes:
             try:
-                preset.output(Path(f"model{suffix}"))
+                library_output(Path(f"model{suffix}"), preset.host_triple())  # what the toolchain allows
                 outputs.append(suffix)
             except MegrezError:
                 pass

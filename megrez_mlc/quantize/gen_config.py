@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
-from ..config import load_hf_model_config, load_preset
+from ..config import load_hf_model_config, load_preset, read_hf_config, read_json_object
 from ..conversation import MEGREZ_STOP_TOKENS, get_template
 from ..errors import MegrezError
 from ..staging import TOKENIZER_FILES, staged_model_dir
@@ -34,6 +35,17 @@ def special_token_ids(tokenizer_json: dict[str, Any]) -> dict[str, int]:
     return ids
 
 
+def fit_prefill_chunk(prefill_chunk_size: int, context_window_size: int) -> int:
+    """The prefill chunk, refused (not silently cut) when larger than the context window it serves."""
+    if prefill_chunk_size > context_window_size:
+        raise MegrezError(
+            f"--prefill-chunk-size {prefill_chunk_size} is larger than the context window "
+            f"({context_window_size} tokens); use at most {context_window_size} or a larger "
+            "--context-window-size"
+        )
+    return prefill_chunk_size
+
+
 def gen_config(
     hf_dir: Path,
     out_dir: Path,
@@ -52,12 +64,16 @@ def gen_config(
         raise MegrezError(
             f"{tokenizer_path} not found; megrez-mlc needs the checkpoint's fast tokenizer file"
         )
-    tokenizer_json = json.loads(tokenizer_path.read_text(encoding="utf-8"))
-    specials = special_token_ids(tokenizer_json)
-    stop_ids = [specials[tok] for tok in MEGREZ_STOP_TOKENS if tok in specials]
+    specials = special_token_ids(read_json_object(tokenizer_path))
+    hf = read_hf_config(hf_dir)
+    generation_config_path = hf_dir / "generation_config.json"
+    generation = read_json_object(generation_config_path) if generation_config_path.is_file() else {}
+    stop_ids = _stop_token_ids(specials, hf, generation, config.vocab_size)
     if not stop_ids:
         log.warning(
-            "the tokenizer has none of %s; generation stops only at max tokens", ", ".join(MEGREZ_STOP_TOKENS)
+            "the tokenizer has none of %s and the checkpoint names no eos_token_id; generation stops only at "
+            "max tokens",
+            ", ".join(MEGREZ_STOP_TOKENS),
         )
 
     if context_window_size is not None:
@@ -68,16 +84,12 @@ def gen_config(
     prefill = prefill_chunk_size or min(config.context_window_size, chat_defaults["prefill_chunk_size"])
     if prefill <= 0:
         raise MegrezError(f"--prefill-chunk-size must be positive, got {prefill}")
-    prefill = min(prefill, config.context_window_size)
+    prefill = fit_prefill_chunk(prefill, config.context_window_size)
 
     sampling = {k: chat_defaults[k] for k in SAMPLING_FIELDS}
-    generation_config = hf_dir / "generation_config.json"
-    if generation_config.is_file():
-        generated = json.loads(generation_config.read_text(encoding="utf-8"))
-        sampling.update({k: generated[k] for k in SAMPLING_FIELDS if k in generated})
-
-    hf = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    eos = hf.get("eos_token_id")
+    sampling |= {
+        k: _number(generation, k, generation_config_path) for k in SAMPLING_FIELDS if k in generation
+    }
     chat_config = {
         "version": MLC_CHAT_CONFIG_VERSION,
         "model_type": "llama",
@@ -102,7 +114,7 @@ def gen_config(
         "conv_template": get_template(conv_template, stop_ids).to_json(),
         "pad_token_id": specials.get("<|pad|>", 0),
         "bos_token_id": hf.get("bos_token_id", specials.get("<|eos|>", 0)),
-        "eos_token_id": stop_ids or ([eos] if isinstance(eos, int) else eos or []),
+        "eos_token_id": stop_ids,
     }
     check_output_quantization(out_dir, scheme, force)
     with staged_model_dir(out_dir, force, superseded=previous_config_files(out_dir)) as staging:
@@ -112,6 +124,36 @@ def gen_config(
             json.dumps(chat_config, indent=2, ensure_ascii=False), encoding="utf-8"
         )
     return chat_config
+
+
+def _token_ids(value: Any, where: str, vocab_size: int) -> list[int]:
+    """An `eos_token_id` (an id, a list of ids, or null) as a list, each id checked against the vocabulary."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise MegrezError(
+                f"{where} names eos_token_id {token!r}, not a token id below the vocabulary size {vocab_size}"
+                "; fix it"
+            )
+    return ids
+
+
+def _stop_token_ids(
+    specials: dict[str, int], hf: dict[str, Any], generation: dict[str, Any], vocab_size: int
+) -> list[int]:
+    """Megrez's stop tokens the tokenizer has, then config.json's and generation_config.json's eos ids (as
+    transformers' generate() stops on those), each once."""
+    ids = [specials[tok] for tok in MEGREZ_STOP_TOKENS if tok in specials]
+    ids += _token_ids(hf.get("eos_token_id"), "config.json", vocab_size)
+    ids += _token_ids(generation.get("eos_token_id"), "generation_config.json", vocab_size)
+    return list(dict.fromkeys(ids))
+
+
+def _number(values: dict[str, Any], key: str, path: Path) -> float:
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise MegrezError(f"{path} gives {key} = {value!r}, not a number; fix or delete that field")
+    return value
 
 
 def read_chat_config(model: Path) -> tuple[Path, dict[str, Any]]:

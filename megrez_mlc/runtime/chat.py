@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import MegrezError
 from .engine import Engine, GenerationStats
 from .sampling import SamplingParams
+from .tokenizer import check_text
 
 log = logging.getLogger("megrez_mlc")
 
@@ -183,6 +184,7 @@ class ChatSession:
     # --- internals --------------------------------------------------------------------------------------
 
     def _encode(self, role: str, content: str) -> list[int]:
+        check_text(content, f"the {role} message")  # first, so the error counts characters of the message
         return self.engine.tokenizer.encode(self.conversation.render_message(role, content))
 
     def _prompt(self) -> list[int]:

@@ -19,7 +19,7 @@ from ..quantize.gen_config import read_chat_config
 from .model_lib import ModelLibrary
 from .request import GenerationStats, Request, StreamDelta
 from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 
 @dataclass
@@ -77,6 +77,8 @@ class Engine:
         return SamplingParams(**settings)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        for message in messages:  # first, so an error counts characters of the message, not of the template
+            check_text(message["content"], f"the {message['role']} message")
         return self.tokenizer.encode(self.conversation.render(messages))
 
     def chat_sampling(self, params: SamplingParams) -> SamplingParams:

@@ -95,16 +95,23 @@ class ModelLibrary:
         self.params = self._load_params(model_dir)
 
         self.context_window_size = int(self.metadata["context_window_size"])
-        self.prefill_chunk_size = min(
-            prefill_chunk_size or self.metadata["prefill_chunk_size"], self.metadata["prefill_chunk_size"]
-        )
-        compiled_batch = int(self.metadata.get("max_batch_size", max_batch_size))
-        if max_batch_size > compiled_batch:
+        compiled_chunk = int(self.metadata["prefill_chunk_size"])
+        if prefill_chunk_size is not None and not 1 <= prefill_chunk_size <= compiled_chunk:
             raise MegrezError(
-                f"{model_lib} was compiled for at most {compiled_batch} sequences at once, not "
-                f"{max_batch_size}; use fewer or compile with a larger --max-batch-size"
+                f"a prefill chunk of {prefill_chunk_size} tokens does not fit {model_lib}, compiled for "
+                f"chunks of 1 to {compiled_chunk}; use at most {compiled_chunk} or compile with a larger "
+                "--prefill-chunk-size"
+            )
+        self.prefill_chunk_size = prefill_chunk_size or compiled_chunk
+        compiled_batch = int(self.metadata.get("max_batch_size", max_batch_size))
+        if not 1 <= max_batch_size <= compiled_batch:
+            raise MegrezError(
+                f"{model_lib} was compiled for 1 to {compiled_batch} sequences at once, not "
+                f"{max_batch_size}; use at most {compiled_batch} or compile with a larger --max-batch-size"
             )
         self.max_batch_size = max_batch_size
+        if max_total_seq_len is not None and max_total_seq_len < 1:
+            raise MegrezError(f"the KV cache must hold at least 1 token, not {max_total_seq_len}")
         self.max_total_seq_len = max_total_seq_len or self.context_window_size
         self.vocab_size = int(self.metadata["params"][0]["shape"][0])
         self.kv_cache = self.vm["create_tir_paged_kv_cache"](

@@ -2,12 +2,64 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import numpy as np
 
 from ..errors import MegrezError
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The values a sampling setting may take: a number above `low` (or equal to it, if `low_included`), at
+    most `high`, finite, and whole if `integer`."""
+
+    low: float
+    low_included: bool
+    high: float | None = None
+    integer: bool = False
+    meaning: str = ""  # what a special value does, shown in the error
+
+    def allows(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, Integral if self.integer else Real):
+            return False
+        # Comparisons with NaN are all False, so NaN fails here as well; ints are exact (a huge seed is fine).
+        finite = isinstance(value, Integral) or math.isfinite(value)
+        above = value >= self.low if self.low_included else value > self.low
+        return finite and above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is not None:
+            opening = "[" if self.low_included else "("
+            text = f"must be in {opening}{self.low:g}, {self.high:g}]"
+        else:
+            kind = "an integer" if self.integer else "a finite number"
+            text = f"must be {kind} {'>=' if self.low_included else '>'} {self.low:g}"
+        return text + (f" ({self.meaning})" if self.meaning else "")
+
+
+# The one definition of each setting's range: SamplingParams (the Python API, the server, chat's /set) and the
+# CLI's options are checked against it.
+SAMPLING_RANGES = {
+    "max_tokens": _Range(1, True, integer=True),
+    "temperature": _Range(0, True, meaning="0 = greedy"),
+    "top_p": _Range(0, False, 1),
+    "top_k": _Range(0, True, integer=True, meaning="0 = no top-k cut"),
+    "repetition_penalty": _Range(0, False, meaning="1 = none"),
+    "seed": _Range(0, True, integer=True),
+}
+
+
+def sampling_problem(name: str, value: object) -> str | None:
+    """What is wrong with `value` for the setting `name` ("must be ..., got ..."), None when it is fine or
+    unset (the seed)."""
+    if value is None and name == "seed":
+        return None
+    limits = SAMPLING_RANGES[name]
+    return None if limits.allows(value) else f"{limits.describe()}, got {value!r}"
 
 
 @dataclass
@@ -25,16 +77,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 0:
-            raise MegrezError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise MegrezError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise MegrezError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise MegrezError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise MegrezError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in SAMPLING_RANGES:
+            problem = sampling_problem(name, getattr(self, name))
+            if problem:
+                raise MegrezError(f"{name} {problem}")
 
     @property
     def greedy(self) -> bool:

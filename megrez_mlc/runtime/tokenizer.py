@@ -16,6 +16,21 @@ from ..errors import MegrezError
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def check_text(text: str, what: str = "the text") -> None:
+    """Refuse text holding lone surrogates, which no tokenizer can encode: how Python passes on bytes that
+    are not UTF-8 (in a command-line argument or a pipe read with surrogateescape), or JSON's "\\udcff"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        # U+DC80..U+DCFF stand for the undecodable bytes 0x80..0xFF (PEP 383).
+        found = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"lone surrogate U+{char:04X}"
+        raise MegrezError(
+            f"{what} is not valid UTF-8 ({found} at character {err.start}); give it as UTF-8 text "
+            "(check the encoding of your terminal or file)"
+        ) from None
+
+
 class Tokenizer:
     def __init__(self, model_dir: Path) -> None:
         path = model_dir / "tokenizer.json"
@@ -25,6 +40,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as is: no BOS (Megrez has none); special-token strings become their ids."""
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

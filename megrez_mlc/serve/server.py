@@ -15,12 +15,14 @@ large, 429 the queue is full (with Retry-After), 500 the engine failed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +117,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model)
         messages = [m.as_template_message() for m in body.messages]
-        prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)  # a long prompt takes a while
+        prompt_ids = await _tokenize(engine.encode_chat, messages, "messages")
         params = engine.chat_sampling(sampling(body))
         return await _answer(request, body, prompt_ids, params, "chat.completion", "chatcmpl")
 
@@ -125,7 +127,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, str):
-            prompt = await asyncio.to_thread(engine.tokenizer.encode, prompt)
+            prompt = await _tokenize(engine.tokenizer.encode, prompt, "prompt")
         return await _answer(request, body, prompt, sampling(body), "text_completion", "cmpl")
 
     async def _answer(
@@ -277,6 +279,15 @@ class RequireAPIKey:
         await self.app(scope, receive, send)
 
 
+async def _tokenize(encode: Callable[[Any], list[int]], text: Any, param: str) -> list[int]:
+    """Token ids, on a worker thread (a long prompt takes a while); text the tokenizer refuses (a lone
+    surrogate from JSON's "\\udcff") is the client's mistake, a 400."""
+    try:
+        return await asyncio.to_thread(encode, text)
+    except MegrezError as err:
+        raise APIError(400, str(err), param=param) from None
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -334,34 +345,71 @@ def run_server(
     from ..model_source import prepare_model
     from ..runtime.engine import Engine
 
-    prepared = prepare_model(model, model_lib=model_lib, device=device, quantization=quantization)
-
-    def load() -> Engine:
-        return Engine(
-            prepared.model_dir,
-            prepared.model_lib,
-            device,
-            max_batch_size=max_num_sequence,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            threads=threads,
-        )
-
-    scheduler = Scheduler(load, max_num_sequence=max_num_sequence, max_queue=max_queue).start()
-    name = served_name or served_model_name(model)
+    # Bound before the (slow) model load, so that a busy port or a wrong --host is one error line at once;
+    # connections are refused, not left hanging, until uvicorn listens on it.
+    listener = bind_listener(host, port)
     try:
-        app = create_app(scheduler, name, api_key=api_key)
-        status = scheduler.status()
-        log.info(
-            "serving %s on http://%s:%d/v1 (%d sequences at once, %d-token KV cache, context %d tokens%s)",
-            name,
-            host,
-            port,
-            max_num_sequence,
-            status["kv_cache"]["max_total_seq_len"],
-            status["context_window_size"],
-            ", API key required" if api_key else "",
-        )
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        prepared = prepare_model(model, model_lib=model_lib, device=device, quantization=quantization)
+
+        def load() -> Engine:
+            return Engine(
+                prepared.model_dir,
+                prepared.model_lib,
+                device,
+                max_batch_size=max_num_sequence,
+                max_total_seq_len=max_total_seq_len,
+                prefill_chunk_size=prefill_chunk_size,
+                threads=threads,
+            )
+
+        scheduler = Scheduler(load, max_num_sequence=max_num_sequence, max_queue=max_queue).start()
+        name = served_name or served_model_name(model)
+        try:
+            app = create_app(scheduler, name, api_key=api_key)
+            status = scheduler.status()
+            log.info(
+                "serving %s on http://%s:%d/v1 "
+                "(%d sequences at once, %d-token KV cache, context %d tokens%s)",
+                name,
+                f"[{host}]" if ":" in host else host,
+                port,
+                max_num_sequence,
+                status["kv_cache"]["max_total_seq_len"],
+                status["context_window_size"],
+                ", API key required" if api_key else "",
+            )
+            config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+            uvicorn.Server(config).run(sockets=[listener])
+        finally:
+            scheduler.stop()
     finally:
-        scheduler.stop()
+        listener.close()
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening), or a MegrezError saying why it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise MegrezError(
+            f"cannot serve on --host {host}: {getattr(err, 'strerror', None) or err}; give an address or "
+            "name of this machine (127.0.0.1 for this machine only, 0.0.0.0 for the network)"
+        ) from None
+    listener = socket.socket(family, kind, proto)
+    # As uvicorn does: a restarted server may reuse the port while old connections linger in TIME_WAIT.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as err:
+        listener.close()
+        if err.errno == errno.EADDRINUSE:
+            raise MegrezError(
+                f"port {port} on {host} is already in use (another server?); stop it or choose another --port"
+            ) from None
+        hint = "ports below 1024 need root; " if err.errno == errno.EACCES and port < 1024 else ""
+        raise MegrezError(
+            f"cannot serve on {host}:{port}: {err.strerror}; {hint}choose another --host or --port"
+        ) from None
+    return listener
