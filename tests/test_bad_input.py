@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import math
 import os
 import shutil
@@ -236,6 +237,11 @@ def test_option_values_are_checked_up_front(
 ) -> None:
     """In-process (the parse is all that runs), which keeps these cases quick."""
     monkeypatch.chdir(tmp_path)
+    # the CLI points the megrez_mlc logger at its own stderr handler; later tests' caplog needs it back
+    logger = logging.getLogger("megrez_mlc")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # the CLI replaces the list's contents
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
     result = CliRunner().invoke(main, args)
     assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {line}\n")
     assert list(tmp_path.iterdir()) == []
