@@ -74,7 +74,7 @@ def main() -> None:
                 # the same prompt prefilled from scratch in a new sequence (one token generated)
                 history = session.token_ids()
                 prompt = history[: len(history) - len(session.history[-1].token_ids)]
-                prompt += session._generation_prompt_ids
+                prompt += session.generation_prompt_ids
                 scratch = engine.generate(prompt, one_token).stats
                 print(
                     f"| {turn} | {len(prompt)} | {kept.prefill_tokens} | {kept.prefill_seconds * 1e3:.1f} | "

@@ -48,7 +48,7 @@ from megrez_mlc.tiny import MEGREZ_SPECIAL_TOKENS, build_tokenizer  # noqa: E402
 
 QUANTIZATION = "q4f32_1"
 MODEL_NAME = "megrez-3b"
-# DESIGN.md §3: Megrez's special tokens (tiny.MEGREZ_SPECIAL_TOKENS order) and their ids.
+# Megrez's special tokens (tiny.MEGREZ_SPECIAL_TOKENS order) and their ids.
 MEGREZ_SPECIAL_IDS = (
     120000, 120001, 120002, 120003, 120004, 120005, 120014, 120015, 120016,
     120020, 120021, 120022, 120023, 120024, 120025,

@@ -219,7 +219,7 @@ def run_chat(
     read = terminal_reader() if interactive else stream_reader(sys.stdin)
     repl = ChatRepl(session, read, sys.stdout)
     if interactive:
-        quantized = engine.chat_config["quantization"]
+        quantized = engine.chat_config.quantization
         repl.say(
             f"{prepared.model_dir.name} ({quantized}) on {device}, context {engine.context_window_size} "
             "tokens. /help for commands, Ctrl-D to quit."

@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
+from .artifacts.chat_config import DEFAULT_MAX_BATCH_SIZE
+from .artifacts.schemes import SCHEMES
 from .errors import MegrezError
-
-QUANTIZATIONS = ("q0f32", "q0f16", "q4f32_1", "q4f16_1")
 
 
 def _report_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,7 +132,7 @@ def main() -> None:
 
 
 quantization_option = click.option(
-    "--quantization", "-q", required=True, help=f"Weight format: {', '.join(QUANTIZATIONS)}."
+    "--quantization", "-q", required=True, help=f"Weight format: {', '.join(SCHEMES)}."
 )
 
 
@@ -210,7 +210,8 @@ def gen_config_cmd(
     force: bool,
 ) -> None:
     """Write mlc-chat-config.json and copy the tokenizer files."""
-    from .quantize.gen_config import CHAT_CONFIG_FILE, gen_config
+    from .artifacts.files import CHAT_CONFIG_FILE
+    from .quantize.gen_config import gen_config
 
     config = gen_config(
         hf_dir,
@@ -222,7 +223,7 @@ def gen_config_cmd(
         preset=preset,
         force=force,
     )
-    click.echo(f"wrote {output / CHAT_CONFIG_FILE} and {len(config['tokenizer_files'])} tokenizer files")
+    click.echo(f"wrote {output / CHAT_CONFIG_FILE} and {len(config.tokenizer_files)} tokenizer files")
 
 
 @main.command("compile")
@@ -244,7 +245,7 @@ def gen_config_cmd(
     default=None,
     help="Symbol prefix of a static (.tar/.wasm) library (default: llama_<quantization>_).",
 )
-@click.option("--max-batch-size", type=COUNT, default=32, show_default=True)
+@click.option("--max-batch-size", type=COUNT, default=DEFAULT_MAX_BATCH_SIZE, show_default=True)
 @click.option("--context-window-size", type=COUNT, default=None, help="Override the config's context window.")
 @click.option("--prefill-chunk-size", type=COUNT, default=None, help="Override the config's prefill chunk.")
 @_report_errors

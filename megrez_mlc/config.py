@@ -185,6 +185,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+_KIND_NAMES = {bool: "a boolean", int: "an int", float: "a number"}
+
+
 def _field(merged: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     """merged[name] as `kind`, refusing values transformers would not take (a string for a size, "true")."""
     value = merged.get(name, default)
@@ -197,10 +200,7 @@ def _field(merged: dict[str, Any], name: str, kind: type, default: Any = None) -
     else:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
-        raise MegrezError(
-            f"config.json's {name} must be {'a boolean' if kind is bool else f'an {kind.__name__}'}"
-            f", got {value!r}; fix config.json"
-        )
+        raise MegrezError(f"config.json's {name} must be {_KIND_NAMES[kind]}, got {value!r}; fix config.json")
     return kind(value)
 
 
@@ -272,17 +272,16 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     return read_json_object(path)
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON file (config.json, tokenizer.json, generation_config.json) that must hold an
-    object; anything else is the user's broken download, named as such."""
+def read_json_object(path: Path, fix: str = "fix or re-download the checkpoint") -> dict[str, Any]:
+    """A JSON file that must hold an object (a checkpoint's config.json, tokenizer.json,
+    generation_config.json; a converted model's mlc-chat-config.json); anything else is an error that
+    names the file and `fix`."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MegrezError(f"{path} is not valid JSON ({err}); fix or re-download the checkpoint") from None
+        raise MegrezError(f"{path} is not valid JSON ({err}); {fix}") from None
     if not isinstance(value, dict):
-        raise MegrezError(
-            f"{path} holds a JSON {type(value).__name__}, not an object; fix or re-download the checkpoint"
-        )
+        raise MegrezError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
     return value
 
 

@@ -52,9 +52,6 @@ class Conversation:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def copy(self) -> Conversation:
-        return Conversation.from_json(self.to_json())
-
     # --- rendering -----------------------------------------------------------------------------------------
 
     def render_system(self, system_message: str | None = None) -> str:
@@ -123,7 +120,7 @@ def get_template(name: str, stop_token_ids: list[int] | None = None) -> Conversa
         ) from None
 
 
-# The Jinja chat template in Megrez-3B-Instruct's tokenizer_config.json, verbatim (DESIGN.md §3); the demo
+# The Jinja chat template in Megrez-3B-Instruct's tokenizer_config.json, verbatim; the demo
 # checkpoint carries it, and the tests check `Conversation.render` against transformers running it.
 MEGREZ_JINJA_TEMPLATE = (
     "{% for message in messages %}"

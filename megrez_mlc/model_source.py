@@ -16,16 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .artifacts.chat_config import read_chat_config
+from .artifacts.files import CHAT_CONFIG_FILE
 from .errors import MegrezError
 from .home import megrez_home
-from .quantize.gen_config import CHAT_CONFIG_FILE
 
 log = logging.getLogger("megrez_mlc")
 
@@ -57,7 +56,7 @@ def prepare_model(
         source = source.parent
     if (source / CHAT_CONFIG_FILE).is_file():
         model_dir = source
-        converted_as = json.loads((model_dir / CHAT_CONFIG_FILE).read_text(encoding="utf-8"))["quantization"]
+        converted_as = read_chat_config(model_dir)[1].quantization
         if quantization and quantization != converted_as:
             raise MegrezError(
                 f"{model_dir} is already converted to {converted_as}; --quantization applies to Hugging Face "
@@ -119,21 +118,12 @@ def converted_model(hf_dir: Path, quantization: str) -> Path:
     out = megrez_home() / "models" / f"{hf_dir.name}-{quantization}-{key}"
     if (out / CHAT_CONFIG_FILE).is_file():
         return out
-    # Built beside and renamed at the end: the cache never holds a half-converted model.
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     start = time.perf_counter()
     log.info("converting %s to %s into %s (first start only)", hf_dir, quantization, out)
-    try:
-        convert_weight(hf_dir, staging, quantization)
-        gen_config(hf_dir, staging, quantization)
-        try:
-            staging.rename(out)
-        except OSError:  # another process finished the same conversion first
-            if not (out / CHAT_CONFIG_FILE).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # Each step stages its files and moves them in whole, and mlc-chat-config.json comes last: a folder
+    # without it is an interrupted conversion, which the next start redoes over its own earlier output.
+    convert_weight(hf_dir, out, quantization)
+    gen_config(hf_dir, out, quantization)
     log.info("converted in %.1f s", time.perf_counter() - start)
     return out
 

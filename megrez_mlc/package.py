@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compile.compiler import CompileResult, check_system_lib_prefix, compile_model
+from .artifacts.chat_config import ChatConfig, read_chat_config
+from .artifacts.files import INDEX_FILE
+from .artifacts.schemes import get_scheme
+from .artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
+from .compile.compiler import CompileResult, check_system_lib_prefix, compile_model, default_model_lib
 from .config import ModelConfig
 from .errors import MegrezError
-from .quantize.gen_config import CHAT_CONFIG_FILE, read_chat_config
-from .quantize.schemes import get_scheme
-from .quantize.tensor_cache import INDEX_FILE, check_shard_sizes, read_index, tensor_records
 from .runtime.model_lib import PAGE_SIZE
 from .staging import check_writable
 
@@ -61,13 +62,13 @@ class ModelEntry:
     overrides: dict[str, int]
     model_url: str | None
     estimated_vram_bytes: int | None
-    chat_config: dict[str, Any]
+    chat_config: ChatConfig
 
     def library_settings(self) -> tuple:
         """What the compiled library depends on: entries sharing a model_lib must agree on it."""
         return (
-            json.dumps(self.chat_config["model_config"], sort_keys=True),
-            self.chat_config["quantization"],
+            self.chat_config.model_config,
+            self.chat_config.quantization,
             tuple(sorted(self.overrides.items())),
         )
 
@@ -87,12 +88,11 @@ def kv_cache_bytes(config: ModelConfig, dtype_bytes: int, context_window_size: i
     return config.num_hidden_layers * pages * per_page
 
 
-def estimate_vram_bytes(model_dir: Path, chat_config: dict[str, Any], library: CompileResult) -> int:
+def estimate_vram_bytes(model_dir: Path, chat_config: ChatConfig, library: CompileResult) -> int:
     """Weights + KV cache for the library's context window + the largest function workspace."""
     params = sum(rec.nbytes for rec in tensor_records(read_index(model_dir)).values())
-    config = ModelConfig.from_mlc_dict(chat_config["model_config"])
-    dtype_bytes = 2 if get_scheme(chat_config["quantization"]).model_dtype == "float16" else 4
-    kv_cache = kv_cache_bytes(config, dtype_bytes, library.metadata["context_window_size"])
+    dtype_bytes = 2 if get_scheme(chat_config.quantization).model_dtype == "float16" else 4
+    kv_cache = kv_cache_bytes(chat_config.model_config, dtype_bytes, library.metadata["context_window_size"])
     return params + kv_cache + max(library.metadata["memory_usage"].values())
 
 
@@ -162,7 +162,7 @@ def _read_entry(path: Path, index: int, raw: Any) -> ModelEntry:
         isinstance(model_url, str) and model_url.startswith(("https://", "http://"))
     ):
         raise MegrezError(f'{where}: "model_url" must be an http(s) address, got {model_url!r}')
-    model_lib = raw.get("model_lib", f"llama_{chat_config['quantization']}")
+    model_lib = raw.get("model_lib", default_model_lib(chat_config.quantization))
     check_system_lib_prefix(f"{model_lib}_")
     return ModelEntry(
         model=raw["model"],
@@ -240,15 +240,13 @@ def bundle_model(entry: ModelEntry, library: CompileResult, target: Path) -> Non
     target.mkdir(parents=True)
     for name in [INDEX_FILE, *(shard["dataPath"] for shard in index["records"])]:
         shutil.copyfile(entry.model_dir / name, target / name)
-    for name in entry.chat_config.get("tokenizer_files", []):
+    for name in entry.chat_config.tokenizer_files:
         shutil.copyfile(entry.model_dir / name, target / name)
-    chat_config = dict(entry.chat_config)
-    for key in ("context_window_size", "prefill_chunk_size"):
-        chat_config[key] = library.metadata[key]
-        chat_config["model_config"] = {**chat_config["model_config"], key: library.metadata[key]}
-    (target / CHAT_CONFIG_FILE).write_text(
-        json.dumps(chat_config, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
+    config = entry.chat_config
+    config.replace(
+        model_config=config.model_config.replace(context_window_size=library.metadata["context_window_size"]),
+        prefill_chunk_size=library.metadata["prefill_chunk_size"],
+    ).write(target)
 
 
 def make_static_archive(libraries: list[Path], archive: Path, archive_format: str) -> bool:

@@ -128,9 +128,10 @@ def interpolation_weight_reference(
 
 def read_rope(hf: dict[str, Any], max_position_embeddings: int) -> tuple[float, RopeScaling]:
     """(theta, scaling) from a config.json in either layout; anything not computed exactly is an error."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(key) or {}
     if not isinstance(params, dict):
-        raise MegrezError(f"config.json's rope_parameters must be an object, got {params!r}")
+        raise MegrezError(f"config.json's {key} must be an object, got {params!r}")
     if any(isinstance(v, dict) for v in params.values()):
         raise MegrezError(
             "config.json gives a RoPE per layer type; megrez-mlc supports one RoPE for all layers"

@@ -20,26 +20,9 @@ import shutil
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
+from .artifacts.files import MODEL_DIR_PATTERNS
 from .errors import MegrezError
 
-# The tokenizer files of a Hugging Face checkpoint that gen-config copies next to the weights.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "special_tokens_map.json",
-)
-# Everything convert-weight and gen-config write; a folder holding only these is a previous output.
-MODEL_DIR_PATTERNS = (
-    "params_shard_*.bin",
-    "tensor-cache.json",
-    "mlc-chat-config.json",
-    *TOKENIZER_FILES,
-    "generation_config.json",
-)
 PARTIAL_MARK = ".partial-"
 
 
@@ -142,13 +125,3 @@ def staged_model_dir(target: Path, force: bool, superseded: Collection[str] = ()
             os.replace(new, target / new.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_file_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}{PARTIAL_MARK}{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)

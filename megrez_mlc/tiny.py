@@ -16,7 +16,8 @@ import numpy as np
 
 from .conversation import MEGREZ_JINJA_TEMPLATE
 
-# Megrez's special tokens in id order (DESIGN.md §3); the tiny tokenizer gives them ids after its vocabulary.
+# Megrez's special tokens in id order (the real tokenizer has them at 120000-05, 120014-16, 120020-25);
+# the tiny tokenizer gives them ids after its vocabulary.
 MEGREZ_SPECIAL_TOKENS = (
     "<|eos|>",
     "<|unk|>",

@@ -5,19 +5,20 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from megrez_mlc.compile.compiler import compile_model
+from megrez_mlc.artifacts.int4 import dequantize_int4
+from megrez_mlc.artifacts.param_names import llama_param_specs
+from megrez_mlc.artifacts.tensor_cache import load_tensors
 from megrez_mlc.config import ModelConfig
 from megrez_mlc.quantize.convert import convert_weight
 from megrez_mlc.quantize.gen_config import gen_config
-from megrez_mlc.quantize.group_quant import dequantize_int4
-from megrez_mlc.quantize.param_map import llama_param_specs
-from megrez_mlc.quantize.tensor_cache import load_tensors
+from megrez_mlc.runtime.request import StreamDelta
 from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
 
 # A shell that starts the tests in the background (`... &`) ignores SIGINT, and the CLIs the tests spawn
@@ -76,6 +77,8 @@ _BUILT: dict[tuple[Path, str], BuiltModel] = {}
 
 def build(hf_dir: Path, quantization: str, root: Path, **gen_config_args: object) -> BuiltModel:
     """Convert, gen-config and compile once per (checkpoint, quantization) for the whole session."""
+    from megrez_mlc.compile.compiler import compile_model  # here: importing TVM costs the unit tier seconds
+
     key = (hf_dir, quantization)
     if key not in _BUILT:
         model_dir = root / f"{hf_dir.name}-{quantization}"
@@ -135,3 +138,24 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"megrez-mlc {' '.join(args)} failed:\n{proc.stderr}")
     return proc
+
+
+class Collector:
+    """The deltas of one request, and an event set by its last one."""
+
+    def __init__(self) -> None:
+        self.deltas: list[StreamDelta] = []
+        self.done = threading.Event()
+
+    def __call__(self, delta: StreamDelta) -> None:
+        self.deltas.append(delta)
+        if delta.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [d.token_id for d in self.deltas if d.token_id is not None]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.deltas[-1].finish_reason if self.deltas else None

@@ -199,7 +199,7 @@ def test_repl_in_a_pseudo_terminal(tiny_hf: Path, chat_home: Path, engine: Engin
     reference.set_sampling(**sampled)
     reference.ask(story)
     story_message = reference.history[-1]
-    gp, end = reference._generation_prompt_ids, reference._answer_end_ids
+    gp, end = reference.generation_prompt_ids, reference.answer_end_ids
     story_ids = story_message.token_ids[len(gp) : -len(end)]
     assert len(story_ids) >= 60  # long enough (3 s at 50 ms a token) for Ctrl-C to land mid-answer
     story_start = tokenizer.decode(story_ids[:4]).rstrip("\ufffd")

@@ -115,4 +115,4 @@ def test_stop_tokens_skip_strings_the_tokenizer_lacks(tiny_hf: Path, tmp_path: P
     (hf / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
     config = gen_config(hf, tmp_path / "out", "q4f32_1")
     ids = {t["content"]: t["id"] for t in tokenizer_json["added_tokens"]}
-    assert config["conv_template"]["stop_token_ids"] == [ids["<|turn_end|>"], ids["<|eos|>"]]
+    assert config.conv_template["stop_token_ids"] == [ids["<|turn_end|>"], ids["<|eos|>"]]

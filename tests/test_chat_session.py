@@ -1,4 +1,4 @@
-"""ChatSession: multi-turn KV-cache reuse, interruption, context overflow; Engine.chat."""
+"""ChatSession: multi-turn KV-cache reuse, interruption, context overflow; Engine.chat and stream_chat."""
 
 from __future__ import annotations
 
@@ -28,20 +28,20 @@ def engine(built) -> Engine:
 def session(engine: Engine):
     with ChatSession(engine, **GREEDY) as chat:
         yield chat
-    assert engine.model.num_sequences == 0
+    assert engine.kv_status()["sequences"] == 0
 
 
 def answer_ids(session: ChatSession, index: int = -1) -> list[int]:
     message = session.history[index]
     assert message.role == "assistant"
-    head, tail = len(session._generation_prompt_ids), len(session._answer_end_ids)
+    head, tail = len(session.generation_prompt_ids), len(session.answer_end_ids)
     return message.token_ids[head : len(message.token_ids) - tail]
 
 
 def prompt_before_last_answer(session: ChatSession) -> list[int]:
     """The conversation's tokens up to the last answer, plus the generation prompt."""
     ids = session.token_ids()
-    return ids[: len(ids) - len(session.history[-1].token_ids)] + session._generation_prompt_ids
+    return ids[: len(ids) - len(session.history[-1].token_ids)] + session.generation_prompt_ids
 
 
 def fresh_greedy(engine: Engine, prompt: list[int], session: ChatSession) -> list[int]:
@@ -98,7 +98,7 @@ def test_answer_kept_as_generated_ids_not_retokenized(session: ChatSession) -> N
     ids = answer_ids(session)
     assert session.history[-1].content == session.engine.tokenizer.decode(ids)
     kept = session.history[-1].token_ids
-    assert kept == session._generation_prompt_ids + ids + session._answer_end_ids
+    assert kept == session.generation_prompt_ids + ids + session.answer_end_ids
 
 
 def test_interrupted_answer_stays_and_the_cache_matches_the_history(
@@ -116,12 +116,12 @@ def test_interrupted_answer_stays_and_the_cache_matches_the_history(
     assert 6 <= len(partial) < 200
     assert session.history[-1].content == engine.tokenizer.decode(partial)
     assert session.history[-1].content.startswith("".join(seen))
-    assert engine.model.sequence_lengths[session._seq_id] == session.context_used
+    assert engine.kv_status()["tokens"] == session.context_used  # as the KV cache itself counts them
     history = session.token_ids()
     in_cache = session.context_used
-    assert session._cached == history[:in_cache]
+    assert session.cached_token_ids == history[:in_cache]
     # all but the answer's end, and perhaps its last sampled token, whose decode pass never ran
-    assert len(history) - in_cache - len(session._answer_end_ids) in (0, 1)
+    assert len(history) - in_cache - len(session.answer_end_ids) in (0, 1)
 
     session.set_sampling(max_tokens=24, ignore_eos=False)
     session.ask("and then?")
@@ -133,10 +133,10 @@ def test_interrupt_inside_a_forward_pass_is_repaired(
     session: ChatSession, engine: Engine, monkeypatch
 ) -> None:
     """Ctrl-C can land after begin_forward grew the cache and before the pass wrote it: those positions are
-    cut back, and the next turn still equals a fresh run."""
+    given back, and the next turn still equals a fresh run."""
     session.ask("hello")
     session.set_sampling(max_tokens=100, ignore_eos=True)
-    decode = engine.model._f["decode"]
+    decode = engine.model.functions["decode"]
     calls = []
 
     def interrupted_decode(*args):
@@ -145,14 +145,12 @@ def test_interrupt_inside_a_forward_pass_is_repaired(
             raise KeyboardInterrupt
         return decode(*args)
 
-    monkeypatch.setitem(engine.model._f, "decode", interrupted_decode)
+    monkeypatch.setitem(engine.model.functions, "decode", interrupted_decode)
     with pytest.raises(KeyboardInterrupt):
         session.ask("count to ten")
-    monkeypatch.setitem(engine.model._f, "decode", decode)
-    in_cache = engine.model._kv["attention_kv_cache_get_sequence_length"](
-        engine.model.kv_cache, session._seq_id
-    )
-    assert in_cache == session.context_used == engine.model.sequence_lengths[session._seq_id]
+    monkeypatch.setitem(engine.model.functions, "decode", decode)
+    in_cache = len(prompt_before_last_answer(session)) + 3  # the prompt, and the 3 tokens fed back
+    assert engine.kv_status()["tokens"] == session.context_used == in_cache  # as the KV cache counts them
     assert len(answer_ids(session)) == 4  # the token whose decode pass was cut short is kept in the history
     session.set_sampling(max_tokens=24, ignore_eos=False)
     session.ask("go on")
@@ -194,7 +192,7 @@ def test_reset_and_new_system_prompt_reuse_what_still_matches(session: ChatSessi
     prompt = engine.encode_chat([{"role": "user", "content": "hello"}])
     assert len(session.history) == 2
     assert session.stats.prefill_tokens == 1  # the whole prompt was still cached; its last token is re-run
-    cached = session._cached
+    cached = session.cached_token_ids
     session.system = "你是一个助手。"  # shares `<|role_start|>system<|role_end|>你是` with the default
     session.ask("again")
     new_prompt = prompt_before_last_answer(session)
@@ -219,14 +217,14 @@ def test_engine_chat_streams_the_same_answer_as_a_session(engine: Engine) -> Non
         {"role": "assistant", "content": "你好！有什么可以帮你？"},
         {"role": "user", "content": "Tell me a joke 😀"},
     ]
-    deltas = list(engine.chat(messages, stream=True, **GREEDY))
-    assert len(deltas) > 1 and all(deltas)
-    whole = engine.chat(messages, stream=False, **GREEDY)
+    deltas = list(engine.stream_chat(messages, **GREEDY))
+    assert len(deltas) > 1 and all(isinstance(d, str) and d for d in deltas)
+    whole = engine.chat(messages, **GREEDY)
     assert "".join(deltas) == whole
     prompt = engine.tokenizer.encode(engine.conversation.render(messages))
     params = engine.default_sampling(**GREEDY)
     assert whole == engine.generate(prompt, params).text
-    assert engine.model.num_sequences == 0
+    assert engine.kv_status()["sequences"] == 0
 
 
 def test_load_keeps_generated_answer_ids(session: ChatSession) -> None:

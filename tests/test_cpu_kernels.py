@@ -12,12 +12,12 @@ import torch
 import tvm
 from tvm import te, tirx
 
+from megrez_mlc.artifacts.int4 import dequantize_int4, quantize_int4, quantized_shapes
 from megrez_mlc.compile import ops
 from megrez_mlc.compile.compiler import compile_model
 from megrez_mlc.compile.cpu_schedule import cpu_schedule_passes
 from megrez_mlc.compile.targets import host_llvm_target
 from megrez_mlc.quantize.gen_config import gen_config
-from megrez_mlc.quantize.group_quant import dequantize_int4, quantize_int4, quantized_shapes
 from megrez_mlc.runtime.model_lib import ModelLibrary
 from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
 

@@ -103,7 +103,27 @@ def test_batched_sequences_equal_each_alone(built) -> None:
     alone = [engine.generate(p, GREEDY_32) for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.text for r in together] == [r.text for r in alone]
-    assert engine.model.num_sequences == 0  # every sequence's KV pages were freed
+    assert engine.kv_status()["sequences"] == 0  # every sequence's KV pages were freed
+
+
+def test_a_sequence_handle_decodes_as_generate_does(engine: Engine) -> None:
+    prompt = engine.tokenizer.encode("Once upon a time")
+    with engine.new_sequence() as seq:
+        logits = seq.prefill(prompt)
+        tokens = []
+        for _ in range(8):
+            tokens.append(int(logits.argmax()))
+            logits = seq.decode(tokens[-1])
+        assert seq.length == len(prompt) + 8
+        seq.truncate(len(prompt) + 3)  # back to just after the third generated token was fed
+        assert seq.length == len(prompt) + 3
+        assert int(seq.decode(tokens[3]).argmax()) == tokens[4]
+        assert engine.kv_status()["tokens"] == len(prompt) + 4
+    status = engine.kv_status()
+    assert seq.closed and (status["sequences"], status["tokens"]) == (0, 0)
+    seq.close()  # closing again does nothing
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert tokens == engine.generate(prompt, greedy).token_ids
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_seed(engine: Engine) -> None:

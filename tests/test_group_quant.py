@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megrez_mlc.artifacts.int4 import dequantize_int4
+from megrez_mlc.artifacts.param_names import llama_param_specs
+from megrez_mlc.artifacts.schemes import get_scheme
+from megrez_mlc.artifacts.tensor_cache import load_tensors
 from megrez_mlc.config import load_hf_model_config
 from megrez_mlc.quantize.checkpoint import Checkpoint
-from megrez_mlc.quantize.group_quant import dequantize_int4, pack_int4_nk, quantize_int4, unpack_int4_nk
-from megrez_mlc.quantize.param_map import llama_param_specs
-from megrez_mlc.quantize.schemes import get_scheme
-from megrez_mlc.quantize.tensor_cache import load_tensors
 
 
 def reference_unpack(q_weight: np.ndarray, q_scale: np.ndarray, k: int) -> np.ndarray:
-    """Bit by bit, straight from DESIGN.md §2: input j of a row is bits 4*(j%8).. of word j//8."""
+    """Bit by bit, from MLC's layout: input j of a row is bits 4*(j%8).. of word j//8."""
     n = q_weight.shape[0]
     out = np.zeros((n, k), dtype=np.float64)
     for row in range(n):
@@ -23,28 +23,6 @@ def reference_unpack(q_weight: np.ndarray, q_scale: np.ndarray, k: int) -> np.nd
             q = (word >> (4 * (j % 8))) & 0xF
             out[row, j] = (q - 7) * float(q_scale[row, j // 32])
     return out
-
-
-def test_pack_puts_first_value_in_low_nibble() -> None:
-    values = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.uint8)
-    assert pack_int4_nk(values)[0, 0] == 0x87654321
-    assert np.array_equal(unpack_int4_nk(pack_int4_nk(values)), values)
-
-
-@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
-def test_quantize_shapes_padding_and_half_step_error(scale_dtype: str) -> None:
-    rng = np.random.default_rng(3)
-    weight = rng.standard_normal((7, 45)).astype(np.float32)  # K=45: one full group, one padded
-    weight[2] = 0.0  # an all-zero row must survive (scale 0)
-    q_weight, q_scale = quantize_int4(weight, scale_dtype)
-    assert q_weight.shape == (7, 8) and q_weight.dtype == np.uint32
-    assert q_scale.shape == (7, 2) and q_scale.dtype == np.dtype(scale_dtype)
-    assert np.all(unpack_int4_nk(q_weight)[:, 45:] == 7)  # padding stores zero
-    assert np.all(unpack_int4_nk(q_weight) <= 14)
-    deq = dequantize_int4(q_weight, q_scale, 45)
-    step = np.repeat(q_scale.astype(np.float32), 32, axis=1)[:, :45]
-    assert np.all(np.abs(deq - weight) <= step / 2 + 1e-6 * np.abs(weight))
-    assert np.all(deq[2] == 0)
 
 
 @pytest.mark.parametrize("quantization", ["q4f32_1", "q4f16_1"])

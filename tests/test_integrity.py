@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from megrez_mlc.artifacts.tensor_cache import read_index
 from megrez_mlc.errors import MegrezError
-from megrez_mlc.quantize.tensor_cache import read_index
 from megrez_mlc.runtime.model_lib import ModelLibrary
 
 from .conftest import run_cli

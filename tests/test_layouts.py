@@ -18,9 +18,9 @@ from safetensors.numpy import load_file
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
+from megrez_mlc.artifacts.tensor_cache import load_tensors, read_index
 from megrez_mlc.errors import MegrezError
 from megrez_mlc.quantize.convert import convert_weight
-from megrez_mlc.quantize.tensor_cache import load_tensors, read_index
 
 from .conftest import run_cli
 

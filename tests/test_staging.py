@@ -20,10 +20,10 @@ import pytest
 
 import megrez_mlc.quantize.convert as convert_module
 import megrez_mlc.staging as staging_module
+from megrez_mlc.artifacts.tensor_cache import TensorCacheWriter, read_index
 from megrez_mlc.errors import MegrezError
 from megrez_mlc.quantize.convert import convert_weight
 from megrez_mlc.quantize.gen_config import gen_config
-from megrez_mlc.quantize.tensor_cache import TensorCacheWriter, read_index
 
 from .conftest import run_cli
 

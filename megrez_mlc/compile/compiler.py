@@ -11,23 +11,25 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import tvm
 from tvm import relax
 
+from ..artifacts.chat_config import read_chat_config, resolve_limits
+from ..artifacts.param_names import llama_param_specs, stored_tensors
+from ..artifacts.schemes import QuantScheme, get_scheme
 from ..config import ModelConfig
 from ..errors import MegrezError
 from ..home import megrez_home
-from ..quantize.gen_config import fit_prefill_chunk, read_chat_config
-from ..quantize.schemes import QuantScheme, get_scheme
 from .gpu import check_attention_head_dim, device_functions, functions_left_on_host
 from .model import MegrezForCausalLM
 from .pipeline import build_pipeline
+from .quantized import quantize_model
 from .targets import LibraryOutput, TargetPreset, get_target
 
-DEFAULT_MAX_BATCH_SIZE = 32
 # IRModule.get_attr crashes on string attributes of 7 characters or fewer (TVM 0.27 wheel).
 MIN_SYSTEM_LIB_PREFIX = 8
 
@@ -79,13 +81,48 @@ def library_metadata(
 def build_ir_module(
     config: ModelConfig, scheme: QuantScheme, target: tvm.target.Target
 ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    model = MegrezForCausalLM(config, scheme, target)
-    return model.export_tvm(spec=model.get_default_spec())
+    model = quantize_model(MegrezForCausalLM(config, target), scheme)
+    mod, named_params = model.export_tvm(spec=model.get_default_spec())
+    check_params_match_weights(named_params, config, scheme)
+    return mod, named_params
+
+
+def check_params_match_weights(
+    named_params: list[tuple[str, Any]], config: ModelConfig, scheme: QuantScheme
+) -> None:
+    """The graph's parameters are, in order, the tensors convert-weight writes (same names, shapes, dtypes).
+
+    The graph and artifacts/param_names.py describe the weights separately, and the library finds its weights
+    by these names: a difference would otherwise surface only when the library runs on those weights."""
+    graph = [(name, tuple(int(d) for d in param.shape), param.dtype) for name, param in named_params]
+    weights = [
+        (t.name, tuple(t.shape), t.dtype)
+        for spec in llama_param_specs(config)
+        for t in stored_tensors(spec, scheme)
+    ]
+    for index, (ours, written) in enumerate(zip_longest(graph, weights)):
+        if ours != written:
+            raise MegrezError(
+                f"parameter {index} of the {scheme.name} graph is {_describe(ours)}, but convert-weight "
+                f"writes {_describe(written)}; this is a bug in megrez-mlc, please report it"
+            )
+
+
+def _describe(tensor: tuple[str, tuple[int, ...], str] | None) -> str:
+    if tensor is None:
+        return "nothing"
+    name, shape, dtype = tensor
+    return f"{name} {list(shape)} {dtype}"
+
+
+def default_model_lib(quantization: str) -> str:
+    """MLC's `{model_type}_{quantization}`: the name an app knows a model's library by."""
+    return f"llama_{quantization}"
 
 
 def default_system_lib_prefix(scheme: QuantScheme) -> str:
-    """MLC's `{model_type}_{quantization}_`: how an app finds this model among the static libraries."""
-    return f"llama_{scheme.name}_"
+    """The library's symbol prefix: how an app finds this model among the static libraries."""
+    return f"{default_model_lib(scheme.name)}_"
 
 
 def check_system_lib_prefix(prefix: str) -> str:
@@ -105,28 +142,31 @@ def compile_model(
     host: str | None = None,
     cuda_arch: str | None = None,
     system_lib_prefix: str | None = None,
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    max_batch_size: int | None = None,
     prefill_chunk_size: int | None = None,
     context_window_size: int | None = None,
 ) -> CompileResult:
     """Compile the model in `model` for `target_name`; the suffix of `output` picks the library kind."""
     start = time.perf_counter()
     _, chat_config = read_chat_config(model)
-    config = ModelConfig.from_mlc_dict(chat_config["model_config"])
-    if context_window_size:
-        config = config.replace(context_window_size=context_window_size)
-    scheme = get_scheme(chat_config["quantization"])
-    # A chunk asked for must fit the window; the model's own chunk is cut to a window made smaller here.
-    prefill = fit_prefill_chunk(
-        prefill_chunk_size or min(chat_config["prefill_chunk_size"], config.context_window_size),
-        config.context_window_size,
+    limits = resolve_limits(
+        chat_config.limits,
+        context_window_size=context_window_size,
+        prefill_chunk_size=prefill_chunk_size,
+        max_batch_size=max_batch_size,
     )
+    config = chat_config.model_config.replace(context_window_size=limits.context_window_size)
+    scheme = get_scheme(chat_config.quantization)
     preset: TargetPreset = get_target(target_name)
     preset.check_can_compile()
     target = preset.make(host, cuda_arch)
     library = preset.output(output, host)  # before compiling: an unwritable -o fails fast
     prefix = check_system_lib_prefix(system_lib_prefix or default_system_lib_prefix(scheme))
-    bounds = {"seq_len": prefill, "batch_size": max_batch_size, "total_seq_len": config.context_window_size}
+    bounds = {
+        "seq_len": limits.prefill_chunk_size,
+        "batch_size": limits.max_batch_size,
+        "total_seq_len": limits.context_window_size,
+    }
     if preset.is_gpu:
         check_attention_head_dim(
             config.head_dim,

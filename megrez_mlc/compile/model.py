@@ -1,7 +1,12 @@
 """The Megrez (LLaMA) graph in `tvm.relax.frontend.nn`, exporting MLC-LLM's engine functions.
 
-Parameter names follow MLC's llama model (quantize/param_map.py builds the same list from data); every
-exported function takes the weights as one trailing tuple ("packed" params), logits are float32.
+The graph is built of float layers (`Linear`, `Embedding`: `.weight`, float32) that know nothing of
+quantization; compile/quantized.py then sets the scheme's float type and swaps in the int4 layers.
+Parameter names follow MLC's llama model (artifacts/param_names.py builds the same list from data, and the
+compiler checks that the two agree); every exported function takes the weights as one trailing tuple
+("packed" params), logits are float32.
+
+Layers that need a CPU formulation ask `compiling_for_cpu()`: the model is traced under its target.
 """
 
 from __future__ import annotations
@@ -16,83 +21,48 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from ..config import ModelConfig
-from ..quantize.group_quant import quantized_shapes
-from ..quantize.schemes import QuantScheme
 from . import cpu_attention, ops
 from .rope_kernel import split_rotary
 
 
-def _is_single_token(x: Tensor) -> bool:
-    """A decode step of one sequence: every leading dimension is statically 1."""
-    return all(isinstance(d, int) and d == 1 for d in x.shape[:-1])
+def compiling_for_cpu() -> bool:
+    """Whether the graph is being traced for a CPU (`MegrezForCausalLM.export_tvm` enters its target)."""
+    return Target.current(allow_none=False).kind.name == "llvm"
 
 
 class Linear(nn.Module):
-    """y = x @ W^T (+ b) with W [out, in] stored as `.weight` (float) or `.q_weight`/`.q_scale` (int4
-    groups); a bias, when the checkpoint has one, stays in the model's float type as `.bias`.
+    """y = x @ W^T (+ b), W [out, in] stored as `.weight` and, when the checkpoint has one, b as `.bias`."""
 
-    `cpu` picks CPU-friendly formulations: float32 dequantization, and a dedicated GEMV for one token.
-    """
-
-    def __init__(
-        self, in_features: int, out_features: int, scheme: QuantScheme, cpu: bool, bias: bool = False
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         self.in_features = in_features
         self.out_features = out_features
-        self.dtype = scheme.model_dtype
-        self.cpu = cpu
-        if scheme.quantized:
-            q_weight_shape, q_scale_shape = quantized_shapes(out_features, in_features)
-            self.q_weight = nn.Parameter(q_weight_shape, "uint32")
-            self.q_scale = nn.Parameter(q_scale_shape, scheme.scale_dtype)
-        else:
-            self.weight = nn.Parameter((out_features, in_features), scheme.model_dtype)
-        self.bias = nn.Parameter((out_features,), scheme.model_dtype) if bias else None
+        self.weight = nn.Parameter((out_features, in_features))
+        self.bias = nn.Parameter((out_features,)) if bias else None
 
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        y = self._matmul(x, out_dtype or self.dtype)
+        out_dtype = out_dtype or self.weight.dtype
+        y = op.tensor_expr_op(lambda a, w: ops.matmul_nt(a, w, out_dtype), "matmul", [x, self.weight])
         return y if self.bias is None else y + self.bias
-
-    def _matmul(self, x: Tensor, out_dtype: str) -> Tensor:
-        if hasattr(self, "q_weight"):
-            if self.cpu and _is_single_token(x):
-                return op.tensor_expr_op(
-                    lambda a, w, s: ops.dequantize_gemv_cpu(a, w, s, self.in_features, out_dtype),
-                    "dequantize_gemv",
-                    [x, self.q_weight, self.q_scale],
-                )
-            dequantize_dtype = "float32" if self.cpu else None
-            return op.tensor_expr_op(
-                lambda a, w, s: ops.dequantize_matmul_nt(
-                    a, w, s, self.in_features, out_dtype, dequantize_dtype
-                ),
-                "dequantize_matmul",
-                [x, self.q_weight, self.q_scale],
-            )
-        return op.tensor_expr_op(lambda a, w: ops.matmul_nt(a, w, out_dtype), "matmul", [x, self.weight])
 
 
 class Embedding(Linear):
     """Token embedding table [vocab, hidden]; with tied weights it doubles as the lm_head matmul."""
 
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(hidden_size, vocab_size)
+
     def lookup(self, ids: Tensor) -> Tensor:
-        if hasattr(self, "q_weight"):
-            return op.tensor_expr_op(
-                lambda w, s, i: ops.dequantize_take(w, s, i, self.in_features, self.dtype),
-                "dequantize_take",
-                [self.q_weight, self.q_scale, ids],
-            )
         return op.tensor_expr_op(ops.take_rows, "take", [self.weight, ids])
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, scheme, cpu, bias)
-        self.o_proj = Linear(config.attention_out_features, config.hidden_size, scheme, cpu, bias)
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_out_features, bias)
+        self.o_proj = Linear(config.attention_out_features, config.hidden_size, bias)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
@@ -103,31 +73,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
-        self.cpu = cpu
+    def __init__(self, config: ModelConfig) -> None:
         bias = config.mlp_bias
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, scheme, cpu, bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, scheme, cpu, bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.cpu:  # a vectorizable exp: libm's scalar exp cost a measurable share of each decode step
+        # CPUs: a vectorizable exp, since libm's scalar exp cost a measurable share of each decode step
+        if compiling_for_cpu():
             return self.down_proj(op.tensor_expr_op(ops.swiglu_cpu, "swiglu", [gate_up]))
         gate, up = op.split(gate_up, 2, axis=-1)
         return self.down_proj(op.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
-        dtype = scheme.model_dtype
-        self.self_attn = Attention(config, scheme, cpu)
-        self.mlp = MLP(config, scheme, cpu)
-        self.input_layernorm = nn.RMSNorm(
-            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=dtype
-        )
-        self.post_attention_layernorm = nn.RMSNorm(
-            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=dtype
-        )
+    def __init__(self, config: ModelConfig) -> None:
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), kv_cache, layer_id)
@@ -135,14 +100,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, scheme: QuantScheme, cpu: bool) -> None:
-        self.embed_tokens = Embedding(config.hidden_size, config.vocab_size, scheme, cpu)
-        self.layers = nn.ModuleList(
-            [DecoderLayer(config, scheme, cpu) for _ in range(config.num_hidden_layers)]
-        )
-        self.norm = nn.RMSNorm(
-            config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=scheme.model_dtype
-        )
+    def __init__(self, config: ModelConfig) -> None:
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
         for layer_id, layer in enumerate(self.layers):
@@ -173,16 +134,21 @@ def _replace_kv_cache_kernels(config: ModelConfig, dtype: str, cpu: bool) -> Non
 
 
 class MegrezForCausalLM(nn.Module):
-    """Functions and signatures of MLC-LLM's engine ABI (see DESIGN.md §2)."""
+    """Functions and signatures of MLC-LLM's engine ABI: embed, prefill, decode, batch_prefill, batch_decode,
+    batch_verify (weights as one trailing tuple, float32 logits) and create_tir_paged_kv_cache."""
 
-    def __init__(self, config: ModelConfig, scheme: QuantScheme, target: Target) -> None:
+    def __init__(self, config: ModelConfig, target: Target) -> None:
         self.config = config
-        self.dtype = scheme.model_dtype
+        self.dtype = "float32"  # of the activations; quantize_model's `Module.to` sets the scheme's
         self.target = target
-        cpu = target.kind.name == "llvm"
-        self.model = LlamaModel(config, scheme, cpu)
+        self.model = LlamaModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, scheme, cpu)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    def export_tvm(self, spec: nn.spec.ModuleSpecType, **options: Any) -> Any:
+        """`nn.Module.export_tvm`, traced under this model's target, which `compiling_for_cpu` reads."""
+        with self.target:
+            return super().export_tvm(spec, **options)
 
     def logits(self, hidden: Tensor) -> Tensor:
         head = self.model.embed_tokens if self.config.tie_word_embeddings else self.lm_head
@@ -252,7 +218,7 @@ class MegrezForCausalLM(nn.Module):
             dtype=self.dtype,
             target=self.target,
         )
-        _replace_kv_cache_kernels(c, self.dtype, cpu=self.target.kind.name == "llvm")
+        _replace_kv_cache_kernels(c, self.dtype, cpu=compiling_for_cpu())
         return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

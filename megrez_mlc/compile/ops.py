@@ -12,11 +12,11 @@ import math
 
 from tvm import te, tirx
 
-from ..quantize.group_quant import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD
+from ..artifacts.int4 import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD
 
 
 def dequantize_value(q_weight: te.Tensor, q_scale: te.Tensor, row: tirx.Expr, col: tirx.Expr, dtype: str):
-    """(nibble - 7) * scale for input `col` of output `row` (layout in quantize/group_quant.py)."""
+    """(nibble - 7) * scale for input `col` of output `row` (layout in artifacts/int4.py)."""
     word = q_weight[row, col // NIBBLES_PER_WORD]
     shift = ((col % NIBBLES_PER_WORD) * 4).astype("uint32")
     nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(0xF, "uint32"))

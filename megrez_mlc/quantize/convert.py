@@ -23,15 +23,15 @@ from typing import TypeVar
 import numpy as np
 from tqdm import tqdm
 
+from ..artifacts.int4 import quantize_int4
+from ..artifacts.param_names import ParamSpec, expected_hf_shapes, llama_param_specs, stored_tensors
+from ..artifacts.schemes import QuantScheme, get_scheme
+from ..artifacts.tensor_cache import TensorCacheWriter, written_files
 from ..config import ModelConfig, load_hf_model_config
 from ..errors import MegrezError
 from ..staging import staged_model_dir
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .gen_config import check_output_quantization
-from .group_quant import quantize_int4
-from .param_map import ParamSpec, expected_hf_shapes, llama_param_specs, stored_tensors
-from .schemes import QuantScheme, get_scheme
-from .tensor_cache import TensorCacheWriter, written_files
 
 log = logging.getLogger("megrez_mlc")
 

@@ -9,17 +9,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..artifacts.chat_config import DEFAULT_MAX_BATCH_SIZE, ChatConfig, Limits, resolve_limits
+from ..artifacts.files import CHAT_CONFIG_FILE, INDEX_FILE, TOKENIZER_FILES
+from ..artifacts.schemes import QuantScheme, get_scheme
+from ..artifacts.tensor_cache import read_index, stored_quantization
 from ..config import load_hf_model_config, load_preset, read_hf_config, read_json_object
 from ..conversation import MEGREZ_STOP_TOKENS, get_template
 from ..errors import MegrezError
-from ..staging import TOKENIZER_FILES, staged_model_dir
-from .schemes import QuantScheme, get_scheme
-from .tensor_cache import INDEX_FILE, read_index, stored_quantization
+from ..staging import staged_model_dir
 
 log = logging.getLogger("megrez_mlc")
 
-CHAT_CONFIG_FILE = "mlc-chat-config.json"
-MLC_CHAT_CONFIG_VERSION = "0.1.0"
 DEFAULT_PRESET = "megrez-3b-instruct"
 SAMPLING_FIELDS = ("temperature", "top_p", "repetition_penalty")
 
@@ -35,17 +35,6 @@ def special_token_ids(tokenizer_json: dict[str, Any]) -> dict[str, int]:
     return ids
 
 
-def fit_prefill_chunk(prefill_chunk_size: int, context_window_size: int) -> int:
-    """The prefill chunk, refused (not silently cut) when larger than the context window it serves."""
-    if prefill_chunk_size > context_window_size:
-        raise MegrezError(
-            f"--prefill-chunk-size {prefill_chunk_size} is larger than the context window "
-            f"({context_window_size} tokens); use at most {context_window_size} or a larger "
-            "--context-window-size"
-        )
-    return prefill_chunk_size
-
-
 def gen_config(
     hf_dir: Path,
     out_dir: Path,
@@ -56,7 +45,7 @@ def gen_config(
     prefill_chunk_size: int | None = None,
     preset: str | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> ChatConfig:
     scheme = get_scheme(quantization)
     config, preset_dict = load_hf_model_config(hf_dir, preset)
     tokenizer_path = hf_dir / "tokenizer.json"
@@ -76,53 +65,32 @@ def gen_config(
             ", ".join(MEGREZ_STOP_TOKENS),
         )
 
-    if context_window_size is not None:
-        if context_window_size <= 0:
-            raise MegrezError(f"--context-window-size must be positive, got {context_window_size}")
-        config = config.replace(context_window_size=context_window_size)
     chat_defaults = (preset_dict or load_preset(DEFAULT_PRESET))["chat"]
-    prefill = prefill_chunk_size or min(config.context_window_size, chat_defaults["prefill_chunk_size"])
-    if prefill <= 0:
-        raise MegrezError(f"--prefill-chunk-size must be positive, got {prefill}")
-    prefill = fit_prefill_chunk(prefill, config.context_window_size)
-
+    limits = resolve_limits(
+        Limits(config.context_window_size, chat_defaults["prefill_chunk_size"], DEFAULT_MAX_BATCH_SIZE),
+        context_window_size=context_window_size,
+        prefill_chunk_size=prefill_chunk_size,
+    )
     sampling = {k: chat_defaults[k] for k in SAMPLING_FIELDS}
     sampling |= {
         k: _number(generation, k, generation_config_path) for k in SAMPLING_FIELDS if k in generation
     }
-    chat_config = {
-        "version": MLC_CHAT_CONFIG_VERSION,
-        "model_type": "llama",
-        "quantization": scheme.name,
-        "model_config": {**config.to_mlc_dict(), "prefill_chunk_size": prefill},
-        "vocab_size": config.vocab_size,
-        "context_window_size": config.context_window_size,
-        "sliding_window_size": -1,
-        "prefill_chunk_size": prefill,
-        "attention_sink_size": -1,
-        "tensor_parallel_shards": 1,
-        "pipeline_parallel_stages": 1,
+    chat_config = ChatConfig(
+        quantization=scheme.name,
+        model_config=config.replace(context_window_size=limits.context_window_size),
+        prefill_chunk_size=limits.prefill_chunk_size,
         **sampling,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-        "tokenizer_files": [f for f in TOKENIZER_FILES if (hf_dir / f).is_file()],
-        "tokenizer_info": {
-            "token_postproc_method": "byte_level",
-            "prepend_space_in_encode": False,
-            "strip_space_in_decode": False,
-        },
-        "conv_template": get_template(conv_template, stop_ids).to_json(),
-        "pad_token_id": specials.get("<|pad|>", 0),
-        "bos_token_id": hf.get("bos_token_id", specials.get("<|eos|>", 0)),
-        "eos_token_id": stop_ids,
-    }
+        tokenizer_files=tuple(f for f in TOKENIZER_FILES if (hf_dir / f).is_file()),
+        conv_template=get_template(conv_template, stop_ids).to_json(),
+        pad_token_id=specials.get("<|pad|>", 0),
+        bos_token_id=hf.get("bos_token_id", specials.get("<|eos|>", 0)),
+        eos_token_id=tuple(stop_ids),
+    )
     check_output_quantization(out_dir, scheme, force)
     with staged_model_dir(out_dir, force, superseded=previous_config_files(out_dir)) as staging:
-        for name in chat_config["tokenizer_files"]:
+        for name in chat_config.tokenizer_files:
             shutil.copyfile(hf_dir / name, staging / name)
-        (staging / CHAT_CONFIG_FILE).write_text(
-            json.dumps(chat_config, indent=2, ensure_ascii=False), encoding="utf-8"
-        )
+        chat_config.write(staging)
     return chat_config
 
 
@@ -154,22 +122,6 @@ def _number(values: dict[str, Any], key: str, path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise MegrezError(f"{path} gives {key} = {value!r}, not a number; fix or delete that field")
     return value
-
-
-def read_chat_config(model: Path) -> tuple[Path, dict[str, Any]]:
-    """Accept a converted model folder or its mlc-chat-config.json; returns (folder, parsed config)."""
-    path = model / CHAT_CONFIG_FILE if model.is_dir() else model
-    if not path.is_file():
-        hint = (
-            " (this looks like a Hugging Face checkpoint; run convert-weight and gen-config first)"
-            if (model / "config.json").is_file()
-            else ""
-        )
-        raise MegrezError(f"{path} not found{hint}; pass a folder made by `megrez-mlc gen-config`")
-    try:
-        return path.parent, json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MegrezError(f"{path} is not valid JSON ({err}); run gen-config again") from None
 
 
 def _previous_chat_config(out_dir: Path) -> dict[str, Any] | None:

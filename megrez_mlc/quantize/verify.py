@@ -4,7 +4,6 @@ flipped bit that loading (which checks sizes and names only) cannot."""
 
 from __future__ import annotations
 
-import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,13 +11,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..artifacts.chat_config import read_chat_config
+from ..artifacts.files import CHAT_CONFIG_FILE, INDEX_FILE
+from ..artifacts.param_names import llama_param_specs, stored_tensors
+from ..artifacts.schemes import get_scheme
+from ..artifacts.tensor_cache import check_shard_sizes, file_md5, read_index, tensor_records
 from ..errors import MegrezError
 from .convert import show_progress, worker_count
-from .gen_config import CHAT_CONFIG_FILE
-from .param_map import llama_param_specs, stored_tensors
-from .schemes import get_scheme
-from .tensor_cache import INDEX_FILE, check_shard_sizes, file_md5, read_index, tensor_records
 
 
 @dataclass(frozen=True)
@@ -68,17 +67,13 @@ def verify_model(model_dir: Path) -> VerifyResult:
 def check_tensors_match_chat_config(model_dir: Path, index: dict) -> str | None:
     """Every tensor the folder's mlc-chat-config.json (model shape + quantization) implies is in the index
     with its shape and dtype; returns that quantization (None if the folder has no mlc-chat-config.json)."""
-    path = model_dir / CHAT_CONFIG_FILE
-    if not path.is_file():
+    if not (model_dir / CHAT_CONFIG_FILE).is_file():
         return None
-    try:
-        chat = json.loads(path.read_text(encoding="utf-8"))
-        quantization, model_config = chat["quantization"], chat["model_config"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise MegrezError(f"{path} is corrupt; run `megrez-mlc gen-config` again") from None
+    _, chat_config = read_chat_config(model_dir)
+    quantization = chat_config.quantization
     scheme = get_scheme(quantization)
     records = tensor_records(index)
-    for spec in llama_param_specs(ModelConfig.from_mlc_dict(model_config)):
+    for spec in llama_param_specs(chat_config.model_config):
         for tensor in stored_tensors(spec, scheme):
             rec = records.get(tensor.name)
             if rec is None:

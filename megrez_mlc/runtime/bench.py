@@ -10,13 +10,14 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MegrezError
-from .model_lib import ModelLibrary
+from .engine import Engine
 
 
 @dataclass(frozen=True)
@@ -42,20 +43,17 @@ class _Run:
     decode_s: float
 
 
-def _one_run(model: ModelLibrary, prompts: list[list[int]], gen_len: int) -> _Run:
-    seq_ids = [model.add_sequence() for _ in prompts]
-    try:
+def _one_run(engine: Engine, prompts: list[list[int]], gen_len: int) -> _Run:
+    with ExitStack() as stack:
+        sequences = [stack.enter_context(engine.new_sequence()) for _ in prompts]
         start = time.perf_counter()
-        logits = model.prefill(seq_ids, prompts)
+        logits = engine.prefill(sequences, prompts)
         prefilled = time.perf_counter()
         tokens = np.argmax(logits, axis=-1).tolist()
         first_token = time.perf_counter()
         for _ in range(gen_len - 1):
-            tokens = np.argmax(model.decode(seq_ids, tokens), axis=-1).tolist()
+            tokens = np.argmax(engine.decode(sequences, tokens), axis=-1).tolist()
         done = time.perf_counter()
-    finally:
-        for seq_id in seq_ids:
-            model.remove_sequence(seq_id)
     return _Run(prefilled - start, first_token - start, done - first_token)
 
 
@@ -73,7 +71,7 @@ def run_bench(
 ) -> BenchResult:
     if min(prompt_len, gen_len, batch, runs) < 1:
         raise MegrezError("--prompt-len, --gen-len, --batch and --runs must be at least 1")
-    model = ModelLibrary(
+    engine = Engine(
         model_dir,
         model_lib,
         device,
@@ -81,15 +79,15 @@ def run_bench(
         max_total_seq_len=batch * (prompt_len + gen_len),
         threads=threads,
     )
-    if prompt_len + gen_len > model.context_window_size:
+    if prompt_len + gen_len > engine.context_window_size:
         raise MegrezError(
             f"--prompt-len + --gen-len = {prompt_len + gen_len} exceeds the library's context window "
-            f"({model.context_window_size}); compile with a larger --context-window-size"
+            f"({engine.context_window_size}); compile with a larger --context-window-size"
         )
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, model.vocab_size, prompt_len).tolist() for _ in range(batch)]
-    _one_run(model, prompts, min(gen_len, 4))  # warm-up: page in weights, start the thread pool
-    measured = [_one_run(model, prompts, gen_len) for _ in range(runs)]
+    prompts = [rng.integers(0, engine.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    _one_run(engine, prompts, min(gen_len, 4))  # warm-up: page in weights, start the thread pool
+    measured = [_one_run(engine, prompts, gen_len) for _ in range(runs)]
     prefill_s = statistics.median(r.prefill_s for r in measured)
     first_token_s = statistics.median(r.first_token_s for r in measured)
     decode_s = statistics.median(r.decode_s for r in measured)
@@ -102,6 +100,6 @@ def run_bench(
         prompt_len=prompt_len,
         gen_len=gen_len,
         batch=batch,
-        threads=model.threads,
+        threads=engine.threads,
         runs=runs,
     )

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import MegrezError
 from .engine import Engine, GenerationStats
 from .sampling import SamplingParams
+from .sequence import Sequence
 from .tokenizer import check_text
 
 log = logging.getLogger("megrez_mlc")
@@ -46,19 +47,20 @@ class ChatSession:
         self.history: list[ChatMessage] = []
         self.stats = GenerationStats()  # of the last answer
         self.finish_reason: str | None = None  # of the last answer: "stop", "length" or "interrupted"
-        self._seq_id: int | None = None  # the KV-cache sequence, added on the first answer
+        self._sequence: Sequence | None = None  # the KV-cache sequence, made for the first answer
         self._cached: list[int] = []  # the tokens in that sequence: always a prefix of the conversation's
         encode = engine.tokenizer.encode
-        # An answer is generation prompt + generated ids + end of message; Megrez renders an assistant
-        # message with that same header, so a finished answer reads exactly as the template renders it.
+        # An answer's token_ids are generation_prompt_ids + the generated ids + answer_end_ids; Megrez renders
+        # an assistant message with that same header, so a finished answer reads exactly as the template
+        # renders it.
         head, tail = self.conversation.message_parts("assistant")
         if head != self.conversation.generation_prompt():
             raise MegrezError(
                 f"conversation template {self.conversation.name!r} starts an assistant message differently "
                 "from its generation prompt, so a chat session cannot keep answers as generated"
             )
-        self._generation_prompt_ids = encode(head)
-        self._answer_end_ids = encode(tail)
+        self.generation_prompt_ids = encode(head)
+        self.answer_end_ids = encode(tail)
 
     # --- the conversation -------------------------------------------------------------------------------
 
@@ -80,6 +82,12 @@ class ChatSession:
     def context_used(self) -> int:
         """Tokens of the conversation in the KV cache."""
         return len(self._cached)
+
+    @property
+    def cached_token_ids(self) -> list[int]:
+        """The tokens in the KV cache: the first `context_used` of the conversation's (and of the prompt for
+        the next answer), which the next answer does not prefill again."""
+        return list(self._cached)
 
     def add_message(self, role: str, content: str) -> None:
         self.history.append(ChatMessage(role, content, self._encode(role, content)))
@@ -123,8 +131,8 @@ class ChatSession:
     def send(self, content: str) -> Iterator[str]:
         """Add a user message (now) and stream the answer to it (as the generator is consumed)."""
         needed = len(self._encode("system", self.system) + self._encode("user", content))
-        window = self.engine.context_window_size
-        if needed + len(self._generation_prompt_ids) >= window:
+        window = self.engine.max_single_sequence_length
+        if needed + len(self.generation_prompt_ids) >= window:
             raise MegrezError(
                 f"the message is too long: with the system prompt it takes {needed} tokens of the "
                 f"{window}-token context window; shorten it"
@@ -135,13 +143,12 @@ class ChatSession:
     def respond(self) -> Iterator[str]:
         """Stream an answer to the conversation as it stands; text deltas, never a broken character."""
         prompt = self._prompt_fitting_context()
-        model = self.engine.model
-        if self._seq_id is None:
-            self._seq_id = model.add_sequence()
-        cached = self._reuse_cache(prompt)
-        params = self.engine.chat_sampling(self.params)
-        request = self.engine.new_request(prompt, params, seq_id=self._seq_id, cached=cached)
-        deltas = self.engine.run_requests([request])
+        request = self.engine.new_request(prompt, self.engine.chat_sampling(self.params))
+        if self._sequence is None:
+            self._sequence = self.engine.new_sequence()
+        sequence = self._sequence
+        self._reuse_cache(sequence, prompt)
+        deltas = self.engine.run_requests([request], [sequence])
         streamed = []
         try:
             for delta in deltas:
@@ -150,9 +157,9 @@ class ChatSession:
                     yield delta.text
         finally:
             deltas.close()
-            # Whatever stopped the answer, the cache keeps exactly the passes that completed.
-            model.truncate_sequence(self._seq_id, model.sequence_lengths[self._seq_id])
-            self._cached = (request.prompt_ids + request.output_ids)[: model.sequence_lengths[self._seq_id]]
+            # Whatever stopped the answer, the sequence holds exactly the passes that completed (one that
+            # Ctrl-C cut short undoes itself): the prompt and the answer's tokens that were fed back.
+            self._cached = (request.prompt_ids + request.output_ids)[: sequence.length]
             self.finish_reason = request.finish_reason or "interrupted"
             # A stop string cuts the text inside a token, so a finished answer's text is what was streamed;
             # an interrupted one keeps every token sampled so far.
@@ -161,7 +168,7 @@ class ChatSession:
                 if request.finish_reason
                 else self.engine.tokenizer.decode(request.output_ids)
             )
-            ids = self._generation_prompt_ids + request.output_ids + self._answer_end_ids
+            ids = self.generation_prompt_ids + request.output_ids + self.answer_end_ids
             self.history.append(ChatMessage("assistant", text, ids))
             self.stats = request.stats
 
@@ -171,9 +178,9 @@ class ChatSession:
 
     def close(self) -> None:
         """Free the session's KV-cache sequence (the conversation itself stays readable)."""
-        if self._seq_id is not None:
-            self.engine.model.remove_sequence(self._seq_id)
-            self._seq_id, self._cached = None, []
+        if self._sequence is not None:
+            self._sequence.close()
+            self._sequence, self._cached = None, []
 
     def __enter__(self) -> ChatSession:
         return self
@@ -188,12 +195,12 @@ class ChatSession:
         return self.engine.tokenizer.encode(self.conversation.render_message(role, content))
 
     def _prompt(self) -> list[int]:
-        return self.token_ids() + self._generation_prompt_ids
+        return self.token_ids() + self.generation_prompt_ids
 
     def _prompt_fitting_context(self) -> list[int]:
         """The prompt, after dropping the oldest turns (never the system prompt or the last turn) until it
         leaves room for an answer of max_tokens (at most half the context window)."""
-        window = self.engine.context_window_size
+        window = self.engine.max_single_sequence_length
         room = min(self.params.max_tokens, window // 2)
         prompt, dropped = self._prompt(), 0
         while len(prompt) + room > window and self._drop_oldest_turn():
@@ -215,14 +222,13 @@ class ChatSession:
         del self.history[: users[1]]
         return True
 
-    def _reuse_cache(self, prompt: list[int]) -> int:
-        """Cut the cache back to its longest prefix shared with `prompt`; returns how many tokens it keeps."""
+    def _reuse_cache(self, sequence: Sequence, prompt: list[int]) -> None:
+        """Cut the session's sequence back to its longest prefix shared with `prompt`."""
         keep = 0
         for cached, wanted in zip(self._cached, prompt):
             if cached != wanted:
                 break
             keep += 1
         keep = min(keep, len(prompt) - 1)  # the last prompt token is always run, for its logits
-        self.engine.model.truncate_sequence(self._seq_id, keep)  # type: ignore[arg-type]
+        sequence.truncate(keep)
         self._cached = prompt[:keep]
-        return keep

@@ -2,6 +2,10 @@
 
 The hot loop reads top to bottom: prefill every prompt (chunked), then decode all unfinished sequences
 together, one token each step, until each hits a stop token, a stop string or its token budget.
+
+The Engine owns the KV cache: everything that drives the model (its own generation, `ChatSession`, the
+server's `Scheduler`, bench) holds `Sequence` handles from `new_sequence`, runs them with `prefill` and
+`decode`, and asks the Engine for free pages; every prompt passes the one check in `new_request`.
 """
 
 from __future__ import annotations
@@ -9,17 +13,25 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..artifacts.chat_config import read_chat_config
 from ..conversation import Conversation
 from ..errors import MegrezError
-from ..quantize.gen_config import read_chat_config
-from .model_lib import ModelLibrary
+from .model_lib import ModelLibrary, pages_for
 from .request import GenerationStats, Request, StreamDelta
 from .sampling import SamplingParams
+from .sequence import Sequence
 from .tokenizer import Tokenizer, check_text
+
+
+class PromptTooLong(MegrezError):
+    """The prompt leaves no room for an answer in one sequence (the context window, or a smaller KV cache)."""
 
 
 @dataclass
@@ -60,7 +72,7 @@ class Engine:
             prefill_chunk_size=prefill_chunk_size,
             threads=threads,
         )
-        self.conversation = Conversation.from_json(self.chat_config["conv_template"])
+        self.conversation = Conversation.from_json(self.chat_config.conv_template)
 
     # --- settings ------------------------------------------------------------------------------------------
 
@@ -68,15 +80,18 @@ class Engine:
         """The model's recommended settings (mlc-chat-config.json) and its chat stop tokens, overridden."""
         c = self.chat_config
         settings: dict[str, Any] = {
-            "temperature": c.get("temperature", 0.7),
-            "top_p": c.get("top_p", 0.9),
-            "repetition_penalty": c.get("repetition_penalty", 1.0),
+            "temperature": c.temperature,
+            "top_p": c.top_p,
+            "repetition_penalty": c.repetition_penalty,
             "stop_token_ids": list(self.conversation.stop_token_ids),
         }
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**settings)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt for OpenAI-style messages: the chat template, ending with the generation prompt."""
+        if not messages:
+            raise MegrezError("the conversation is empty; give at least one message")
         for message in messages:  # first, so an error counts characters of the message, not of the template
             check_text(message["content"], f"the {message['role']} message")
         return self.tokenizer.encode(self.conversation.render(messages))
@@ -87,7 +102,31 @@ class Engine:
 
     @property
     def context_window_size(self) -> int:
+        """The model's context window, as compiled."""
         return self.model.context_window_size
+
+    @property
+    def max_total_seq_len(self) -> int:
+        """Tokens the KV cache holds, all sequences together."""
+        return self.model.max_total_seq_len
+
+    @property
+    def max_single_sequence_length(self) -> int:
+        """The longest prompt + answer of one sequence (MLC's name for it): the context window, or the KV
+        cache when that is smaller."""
+        return min(self.context_window_size, self.max_total_seq_len)
+
+    @property
+    def prefill_chunk_size(self) -> int:
+        return self.model.prefill_chunk_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def threads(self) -> int:
+        return self.model.threads
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -102,7 +141,7 @@ class Engine:
         texts = [""] * len(prompts)
         results: list[GenerationResult | None] = [None] * len(prompts)
         requests = self._make_requests(prompts, params)
-        for delta in self.run_requests(requests):
+        for delta in self._run_on_new_sequences(requests):
             texts[delta.index] += delta.text
             if delta.finish_reason is not None:
                 r = requests[delta.index]
@@ -112,85 +151,130 @@ class Engine:
         return results  # type: ignore[return-value]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[StreamDelta]:
-        """Text deltas of one completion as they are decoded; the last one carries finish_reason."""
-        yield from self.run_requests(self._make_requests([prompt], params))
+        """Text deltas of one completion as they are decoded; the last one carries finish_reason. The prompt
+        is checked now; the generation runs as the iterator is consumed."""
+        return self._run_on_new_sequences(self._make_requests([prompt], params))
 
-    def chat(
-        self, messages: list[dict[str, str]], stream: bool = True, **sampling: Any
-    ) -> Iterator[str] | str:
-        """Answer a conversation of OpenAI-style messages ({"role", "content"}; a first system message
-        replaces the default one): the reply's text deltas as they are decoded, or the whole reply with
-        stream=False. Unset sampling settings take the model's. Each call starts from an empty KV cache;
-        a `ChatSession` keeps it between turns."""
-        from .chat import ChatSession
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
+        """The whole answer to a conversation of OpenAI-style messages (see `stream_chat`)."""
+        return "".join(self.stream_chat(messages, **sampling))
 
-        session = ChatSession(self, **sampling)
-        session.load(messages)
-
-        def deltas() -> Iterator[str]:
-            with session:
-                yield from session.respond()
-
-        return deltas() if stream else "".join(deltas())
+    def stream_chat(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        """The answer to a conversation of OpenAI-style messages ({"role", "content"}; a first system message
+        replaces the default one), as text deltas while it is decoded (never a broken character). Unset
+        sampling settings take the model's. Each call starts from an empty KV cache; a `ChatSession` keeps
+        it between turns. The messages are checked now, before the first delta is asked for."""
+        params = self.chat_sampling(self.default_sampling(**sampling))
+        return _texts(self.stream(self.encode_chat(messages), params))
 
     def _make_requests(self, prompts: list[str | list[int]], params: SamplingParams | None) -> list[Request]:
         params = params or self.default_sampling()
         return [self.new_request(prompt, params, index) for index, prompt in enumerate(prompts)]
 
-    def new_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        index: int = 0,
-        seq_id: int = -1,
-        cached: int = 0,
-    ) -> Request:
-        """A request for `run_requests`; `seq_id`/`cached`: continue a KV sequence that already holds the
-        first `cached` prompt tokens (ChatSession), else a new sequence is made and dropped after."""
+    def new_request(self, prompt: str | list[int], params: SamplingParams, index: int = 0) -> Request:
+        """A request for `run_requests`, after the one check every prompt passes (the Engine's, a chat
+        session's and the server's alike): not empty, token ids of this model's vocabulary, and room for at
+        least one new token in one sequence. Text is tokenized as is."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MegrezError("the prompt is empty; give at least one token")
-        if len(ids) >= self.context_window_size:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise MegrezError(
-                f"the prompt has {len(ids)} tokens but the context window is {self.context_window_size}; "
-                "shorten it or compile with a larger --context-window-size"
+                f"the prompt has token ids outside [0, {self.vocab_size}), this model's vocabulary"
+            )
+        limit = self.max_single_sequence_length
+        if len(ids) >= limit:
+            if limit == self.context_window_size:
+                bound = f"the context window is {limit}"
+                remedy = "compile with a larger --context-window-size"
+            else:
+                bound = f"the KV cache holds {limit} tokens"
+                remedy = "raise --max-total-seq-len"
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens but {bound}, which leaves no room for an answer; "
+                f"shorten it or {remedy}"
             )
         return Request.create(
             ids,
             params,
             self.tokenizer,
-            self.context_window_size,
+            limit,
             index=index,
             seed=None if params.seed is None else params.seed + index,
-            seq_id=seq_id,
-            cached=cached,
         )
 
-    def run_requests(self, requests: list[Request]) -> Iterator[StreamDelta]:
-        """Prefill the requests together, then decode them together until each finishes."""
-        model = self.model
-        owned = [r for r in requests if r.seq_id < 0]
-        try:
-            for r in owned:
-                r.seq_id = model.add_sequence()
-            start = time.perf_counter()
-            logits = model.prefill([r.seq_id for r in requests], [r.prompt_ids[r.cached :] for r in requests])
-            elapsed = time.perf_counter() - start
-            for r in requests:
-                r.stats.prefill_tokens, r.stats.prefill_seconds = len(r.prompt_ids) - r.cached, elapsed
-            active = requests
-            while active:
-                for r, row in zip(active, logits):
-                    yield r.step(row)
-                active = [r for r in active if r.finish_reason is None]
-                if active:
-                    start = time.perf_counter()
-                    logits = model.decode([r.seq_id for r in active], [r.output_ids[-1] for r in active])
-                    elapsed = time.perf_counter() - start
-                    for r in active:
-                        r.stats.decode_tokens += 1
-                        r.stats.decode_seconds += elapsed
-        finally:
-            for r in owned:
-                if r.seq_id in model.sequence_lengths:
-                    model.remove_sequence(r.seq_id)
+    def run_requests(self, requests: list[Request], sequences: list[Sequence]) -> Iterator[StreamDelta]:
+        """Generate requests[i] in sequences[i]: prefill each prompt after the tokens its sequence already
+        holds (a chat's earlier turns: a prefix of the prompt, shorter than it), then decode them together
+        until each finishes. One delta per request and step; the sequences stay open."""
+        held = [seq.length for seq in sequences]
+        start = time.perf_counter()
+        logits = self.prefill(sequences, [r.prompt_ids[n:] for r, n in zip(requests, held)])
+        elapsed = time.perf_counter() - start
+        for r, n in zip(requests, held):
+            r.stats.prefill_tokens, r.stats.prefill_seconds = len(r.prompt_ids) - n, elapsed
+        active = list(zip(requests, sequences))
+        while active:
+            for (r, _), row in zip(active, logits):
+                yield r.step(row)
+            active = [(r, seq) for r, seq in active if r.finish_reason is None]
+            if active:
+                start = time.perf_counter()
+                logits = self.decode([seq for _, seq in active], [r.output_ids[-1] for r, _ in active])
+                elapsed = time.perf_counter() - start
+                for r, _ in active:
+                    r.stats.decode_tokens += 1
+                    r.stats.decode_seconds += elapsed
+
+    def _run_on_new_sequences(self, requests: list[Request]) -> Iterator[StreamDelta]:
+        """run_requests in fresh sequences, freed when the generation ends or is abandoned."""
+        with ExitStack() as sequences:
+            yield from self.run_requests(
+                requests, [sequences.enter_context(self.new_sequence()) for _ in requests]
+            )
+
+    # --- the KV cache: sequences and their pages -----------------------------------------------------------
+
+    def new_sequence(self) -> Sequence:
+        """An empty sequence in the KV cache (at most max_batch_size at once); `close` it, or use it as a
+        context manager, to free its pages."""
+        return Sequence(self.model, self.model.add_sequence())
+
+    def prefill(self, sequences: list[Sequence], token_lists: list[list[int]]) -> np.ndarray:
+        """Append token_lists[i] to sequences[i], in rounds of at most prefill_chunk_size tokens in all;
+        returns the logits [len(sequences), vocab] after each one's last token."""
+        return self.model.prefill([seq.id for seq in sequences], token_lists)
+
+    def decode(self, sequences: list[Sequence], token_ids: list[int]) -> np.ndarray:
+        """Append token_ids[i] to sequences[i], in one step; returns the logits [len(sequences), vocab]."""
+        return self.model.decode([seq.id for seq in sequences], token_ids)
+
+    def free_pages(self) -> int:
+        """KV-cache pages not holding any sequence's tokens."""
+        return self.model.free_pages()
+
+    def pages_to_append(self, sequences: list[Sequence], lengths: list[int]) -> int:
+        """Free pages that appending lengths[i] tokens to sequences[i] takes: a page holds the tokens of one
+        sequence only, so the cache can fill up before it holds max_total_seq_len tokens."""
+        return self.model.pages_to_append([seq.id for seq in sequences], lengths)
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages a new sequence of `num_tokens` tokens takes."""
+        return pages_for(num_tokens)
+
+    def kv_status(self) -> dict[str, int]:
+        """The KV cache now: its sequences, the tokens they hold, free pages, and its size in tokens."""
+        return {
+            "sequences": self.model.num_sequences,
+            "tokens": self.model.cached_tokens(),
+            "free_pages": self.model.free_pages(),
+            "max_total_seq_len": self.model.max_total_seq_len,
+        }
+
+
+def _texts(deltas: Iterator[StreamDelta]) -> Iterator[str]:
+    """The non-empty texts of a stream's deltas; closing this closes (and so frees) the stream."""
+    with closing(deltas):
+        for delta in deltas:
+            if delta.text:
+                yield delta.text

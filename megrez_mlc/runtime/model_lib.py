@@ -1,7 +1,7 @@
 """A loaded model library plus its weights: the functions of MLC's engine ABI, called from Python.
 
-This is the thin layer over TVM's VM and the paged KV cache: sequences in, float32 logits out. Sampling,
-stopping and text live in engine.py.
+This is the thin layer over TVM's VM and the paged KV cache: sequence ids in, float32 logits out. The
+`Engine` (engine.py) hands out `Sequence` handles over these ids, and samples, stops and detokenizes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
 
+from ..artifacts.chat_config import Limits, resolve_limits
+from ..artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
 from ..errors import MegrezError
-from ..quantize.tensor_cache import check_shard_sizes, read_index, tensor_records
 from .threads import configure_threads
 
 PAGE_SIZE = 16
@@ -94,22 +95,20 @@ class ModelLibrary:
         check_params_against_metadata(model_dir, self.metadata)
         self.params = self._load_params(model_dir)
 
-        self.context_window_size = int(self.metadata["context_window_size"])
-        compiled_chunk = int(self.metadata["prefill_chunk_size"])
-        if prefill_chunk_size is not None and not 1 <= prefill_chunk_size <= compiled_chunk:
-            raise MegrezError(
-                f"a prefill chunk of {prefill_chunk_size} tokens does not fit {model_lib}, compiled for "
-                f"chunks of 1 to {compiled_chunk}; use at most {compiled_chunk} or compile with a larger "
-                "--prefill-chunk-size"
-            )
-        self.prefill_chunk_size = prefill_chunk_size or compiled_chunk
-        compiled_batch = int(self.metadata.get("max_batch_size", max_batch_size))
-        if not 1 <= max_batch_size <= compiled_batch:
-            raise MegrezError(
-                f"{model_lib} was compiled for 1 to {compiled_batch} sequences at once, not "
-                f"{max_batch_size}; use at most {compiled_batch} or compile with a larger --max-batch-size"
-            )
-        self.max_batch_size = max_batch_size
+        compiled = Limits(
+            int(self.metadata["context_window_size"]),
+            int(self.metadata["prefill_chunk_size"]),
+            int(self.metadata["max_batch_size"]),
+        )
+        limits = resolve_limits(
+            compiled,
+            prefill_chunk_size=prefill_chunk_size,
+            max_batch_size=max_batch_size,
+            compiled=str(model_lib),
+        )
+        self.context_window_size = limits.context_window_size
+        self.prefill_chunk_size = limits.prefill_chunk_size
+        self.max_batch_size = limits.max_batch_size
         if max_total_seq_len is not None and max_total_seq_len < 1:
             raise MegrezError(f"the KV cache must hold at least 1 token, not {max_total_seq_len}")
         self.max_total_seq_len = max_total_seq_len or self.context_window_size
@@ -121,7 +120,8 @@ class ModelLibrary:
             ShapeTuple([PAGE_SIZE]),
             ShapeTuple([0]),
         )
-        self._f = {
+        # The library's entry points by name (a test wraps one to cut a forward pass short).
+        self.functions = {
             name: self.vm[name] for name in ("embed", "prefill", "decode", "batch_prefill", "batch_decode")
         }
         self._kv = {
@@ -129,14 +129,11 @@ class ModelLibrary:
             for name in (
                 "kv_state_add_sequence",
                 "kv_state_remove_sequence",
-                "kv_state_fork_sequence",
                 "kv_state_popn",
                 "kv_state_begin_forward",
                 "kv_state_end_forward",
-                "kv_state_clear",
                 "attention_kv_cache_get_num_available_pages",
                 "attention_kv_cache_get_total_sequence_length",
-                "attention_kv_cache_get_sequence_length",
             )
         }
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
@@ -166,46 +163,24 @@ class ModelLibrary:
         self.sequence_lengths[seq_id] = 0
         return seq_id
 
-    def fork_sequence(self, parent: int) -> int:
-        seq_id = self._next_seq_id
-        self._next_seq_id += 1
-        self._kv["kv_state_fork_sequence"](self.kv_cache, parent, seq_id, -1)
-        self.sequence_lengths[seq_id] = self.sequence_lengths[parent]
-        return seq_id
-
     def remove_sequence(self, seq_id: int) -> None:
         self._kv["kv_state_remove_sequence"](self.kv_cache, seq_id)
         del self.sequence_lengths[seq_id]
 
-    def pop_tokens(self, seq_id: int, count: int) -> None:
-        """Drop the last `count` tokens of a sequence from the cache (roll back)."""
-        if count:
-            self._kv["kv_state_popn"](self.kv_cache, seq_id, count)
-            self.sequence_lengths[seq_id] -= count
-
     def truncate_sequence(self, seq_id: int, length: int) -> None:
-        """Keep the first `length` tokens of a sequence in the cache (at most the recorded length).
-
-        Also repairs a forward pass cut short by an exception (Ctrl-C): begin_forward has already grown
-        the cache's own count, but `sequence_lengths` only counts tokens of passes that completed, so the
-        cache is cut back to what is known to be written."""
-        in_cache = self._kv["attention_kv_cache_get_sequence_length"](self.kv_cache, seq_id)
-        keep = min(length, self.sequence_lengths[seq_id])
-        if in_cache > keep:
-            self._kv["kv_state_popn"](self.kv_cache, seq_id, in_cache - keep)
-        self.sequence_lengths[seq_id] = keep
-
-    def clear(self) -> None:
-        self._kv["kv_state_clear"](self.kv_cache)
-        self.sequence_lengths.clear()
+        """Keep the first `length` tokens of a sequence in the cache (all of them when it holds fewer)."""
+        drop = self.sequence_lengths[seq_id] - length
+        if drop > 0:
+            self._kv["kv_state_popn"](self.kv_cache, seq_id, drop)
+            self.sequence_lengths[seq_id] = length
 
     @property
     def num_sequences(self) -> int:
         return len(self.sequence_lengths)
 
-    def free_tokens(self) -> int:
-        """Tokens that can still be appended across all sequences."""
-        return self.max_total_seq_len - sum(self.sequence_lengths.values())
+    def cached_tokens(self) -> int:
+        """Tokens in the cache, all sequences together, as the cache itself counts them."""
+        return int(self._kv["attention_kv_cache_get_total_sequence_length"](self.kv_cache))
 
     def free_pages(self) -> int:
         """KV-cache pages not holding any sequence's tokens."""
@@ -227,7 +202,7 @@ class ModelLibrary:
         if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
             raise MegrezError(f"token id out of range [0, {self.vocab_size}): {token_ids.tolist()}")
         ids = tvm.runtime.tensor(token_ids.astype(np.int32), self.device)
-        embeds = self._f["embed"](ids, self.params)
+        embeds = self.functions["embed"](ids, self.params)
         n, hidden = embeds.shape
         return self._reshape(embeds, ShapeTuple([batch, n // batch, hidden]))
 
@@ -238,8 +213,16 @@ class ModelLibrary:
                 "shorten the prompts or raise max_total_seq_len"
             )
         self._kv["kv_state_begin_forward"](self.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
-        logits, _ = call()
-        self._kv["kv_state_end_forward"](self.kv_cache)
+        try:
+            logits, _ = call()
+            self._kv["kv_state_end_forward"](self.kv_cache)
+        except BaseException:
+            # A pass cut short (Ctrl-C, a failing kernel) has grown the sequences in begin_forward without
+            # writing them: give those positions back, so every sequence again holds exactly its completed
+            # passes and can go on (or be truncated) as if the pass had never started.
+            for seq_id, n in zip(seq_ids, lengths):
+                self._kv["kv_state_popn"](self.kv_cache, seq_id, n)
+            raise
         for seq_id, n in zip(seq_ids, lengths):
             self.sequence_lengths[seq_id] += n
         return logits.numpy()
@@ -273,12 +256,14 @@ class ModelLibrary:
         embeds = self._embed(flat, batch=1)
         if len(seq_ids) == 1:
             logits = self._forward(
-                seq_ids, lengths, lambda: self._f["prefill"](embeds, self.kv_cache, self.params)
+                seq_ids, lengths, lambda: self.functions["prefill"](embeds, self.kv_cache, self.params)
             )
             return logits.reshape(1, -1)
         positions = tvm.runtime.tensor(np.cumsum(lengths).astype(np.int32) - 1, self.device)
         logits = self._forward(
-            seq_ids, lengths, lambda: self._f["batch_prefill"](embeds, positions, self.kv_cache, self.params)
+            seq_ids,
+            lengths,
+            lambda: self.functions["batch_prefill"](embeds, positions, self.kv_cache, self.params),
         )
         return logits.reshape(len(seq_ids), -1)
 
@@ -289,5 +274,7 @@ class ModelLibrary:
             return np.concatenate([self.decode([s], [t]) for s, t in zip(seq_ids, token_ids)])
         embeds = self._embed(np.asarray(token_ids, dtype=np.int32), batch=b)
         name = "decode" if b == 1 else "batch_decode"
-        logits = self._forward(seq_ids, [1] * b, lambda: self._f[name](embeds, self.kv_cache, self.params))
+        logits = self._forward(
+            seq_ids, [1] * b, lambda: self.functions[name](embeds, self.kv_cache, self.params)
+        )
         return logits.reshape(b, -1)

@@ -1,9 +1,10 @@
 """One prompt's generation, token by token: sample, stop at a stop token, a stop string or the budget, and
 turn the tokens into final text.
 
-Both drivers of the model share this: `Engine` (a fixed batch, prefilled together and decoded until all
-finish) and the server's `Scheduler` (requests joining and leaving a running batch). Each feeds a request
-the logits after its latest token and gets back one `StreamDelta`.
+Both drivers of the model share this: `Engine.run_requests` (a fixed batch, prefilled together and decoded
+until all finish; `ChatSession` runs its turns through it) and the server's `Scheduler` (requests joining
+and leaving a running batch). Each feeds a request the logits after its latest token and gets back one
+`StreamDelta`. A request knows nothing of the KV cache: its driver holds the `Sequence` it runs in.
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ class StopStringMatcher:
 
     def feed(self, delta: str) -> tuple[str, bool]:
         self.text += delta
-        for stop in self.stops:
-            at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                out, self.text = self.text[self.emitted : at], self.text[:at]
-                self.emitted = at
-                return out, True
+        # the earliest stop in the text wins (a delta of several tokens may hold more than one)
+        found = [self.text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stops]
+        at = min((position for position in found if position != -1), default=-1)
+        if at != -1:
+            out, self.text = self.text[self.emitted : at], self.text[:at]
+            self.emitted = at
+            return out, True
         safe = len(self.text) - self._held_back()
         out = self.text[self.emitted : safe]
         self.emitted = max(self.emitted, safe)
@@ -98,13 +100,11 @@ class Request:
 
     prompt_ids: list[int]
     params: SamplingParams
-    max_new_tokens: int  # max_tokens, cut to the room the context window leaves after the prompt
+    max_new_tokens: int  # max_tokens, cut to the room one sequence leaves after the prompt
     rng: np.random.Generator
     detokenizer: StreamingDetokenizer
     stops: StopStringMatcher
     index: int = 0
-    seq_id: int = -1  # the KV-cache sequence; -1: none yet (the driver adds one)
-    cached: int = 0  # leading prompt tokens already in that sequence's KV cache (a chat's earlier turns)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (stop token or string) or "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -115,24 +115,21 @@ class Request:
         prompt_ids: list[int],
         params: SamplingParams,
         tokenizer: Tokenizer,
-        context_window_size: int,
+        max_sequence_length: int,
         *,
         index: int = 0,
         seed: int | None = None,
-        seq_id: int = -1,
-        cached: int = 0,
     ) -> Request:
-        """A request for a prompt that fits the context window (the caller checks, with its own message)."""
+        """A request for a prompt shorter than `max_sequence_length`, the most tokens its sequence may hold
+        (`Engine.new_request` checks that)."""
         return cls(
             list(prompt_ids),
             params,
-            min(params.max_tokens, context_window_size - len(prompt_ids)),
+            min(params.max_tokens, max_sequence_length - len(prompt_ids)),
             np.random.default_rng(params.seed if seed is None else seed),
             StreamingDetokenizer(tokenizer),
             StopStringMatcher(params.stop),
             index=index,
-            seq_id=seq_id,
-            cached=cached,
         )
 
     def step(self, logits: np.ndarray) -> StreamDelta:

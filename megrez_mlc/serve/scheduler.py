@@ -28,18 +28,14 @@ from typing import Any
 
 from ..errors import MegrezError
 from ..runtime.engine import Engine
-from ..runtime.model_lib import pages_for
 from ..runtime.request import Request, StreamDelta
 from ..runtime.sampling import SamplingParams
+from ..runtime.sequence import Sequence
 
 log = logging.getLogger("megrez_mlc")
 
 # How long an idle loop sleeps before looking again (submit and cancel wake it at once anyway).
 IDLE_WAIT_S = 1.0
-
-
-class PromptTooLong(MegrezError):
-    """The prompt leaves no room for an answer in the context window."""
 
 
 class QueueFull(MegrezError):
@@ -58,6 +54,7 @@ class Ticket:
     request: Request
     on_delta: Callable[[StreamDelta], None]
     pending: list[int]  # tokens to write into the KV cache before the next token is sampled
+    sequence: Sequence | None = None  # its KV-cache sequence while it is running
     decoding: bool = False  # the prompt is in the cache: `pending` is the one token sampled last
     cancelled: bool = False
     error: str | None = None  # why a request finished with "error"
@@ -113,31 +110,15 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    @property
-    def context_window_size(self) -> int:
-        """The longest prompt + answer: the model's context window, or less when the cache is smaller."""
-        model = self.engine.model
-        return min(model.context_window_size, model.max_total_seq_len)
-
     # --- requests (any thread) -----------------------------------------------------------------------------
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, on_delta: Callable[[StreamDelta], None]
     ) -> Ticket:
-        """Queue a request. Raises MegrezError for a prompt that cannot fit, QueueFull when full."""
-        window = self.context_window_size
-        if not prompt_ids:
-            raise MegrezError("the prompt is empty; give at least one token")
-        if len(prompt_ids) >= window:
-            raise PromptTooLong(
-                f"this model's context window is {window} tokens, and the prompt has {len(prompt_ids)} "
-                "tokens, which leaves no room for an answer; shorten the prompt"
-            )
-        vocab_size = self.engine.model.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
-            raise MegrezError(f"the prompt has token ids outside [0, {vocab_size}), this model's vocabulary")
-        request = Request.create(prompt_ids, params, self.engine.tokenizer, window)
-        ticket = Ticket(request, on_delta, list(prompt_ids))
+        """Queue a request. Raises MegrezError for a prompt that cannot fit (PromptTooLong when it leaves no
+        room for an answer), QueueFull when full."""
+        request = self.engine.new_request(prompt_ids, params)
+        ticket = Ticket(request, on_delta, list(request.prompt_ids))
         with self._cond:
             if self._stopping:
                 raise MegrezError("the server is shutting down")
@@ -165,7 +146,8 @@ class Scheduler:
                 "running": len(self._running),
                 "waiting": len(self._waiting),
                 "max_num_sequence": self.max_num_sequence,
-                "context_window_size": self.context_window_size,
+                "context_window_size": self.engine.context_window_size,
+                "max_single_sequence_length": self.engine.max_single_sequence_length,
                 "kv_cache": dict(self._kv_snapshot),
                 "requests": {
                     key: self._counts[key] for key in ("stop", "length", "cancelled", "error", "preempted")
@@ -225,39 +207,39 @@ class Scheduler:
     def _admit(self) -> None:
         """Oldest first (a big request is never overtaken for good): a free slot and the pages to prefill it
         plus one decode step, after the pages the running requests still need for theirs."""
-        model = self.engine.model
-        spare = model.free_pages() - sum(self._pages_for_next_step(t) for t in self._running)
+        engine = self.engine
+        spare = engine.free_pages() - sum(self._pages_for_next_step(t) for t in self._running)
         with self._cond:
             while self._waiting and len(self._running) < self.max_num_sequence:
                 ticket = self._waiting[0]
-                need = pages_for(len(ticket.pending) + 1)
+                need = engine.pages_for(len(ticket.pending) + 1)
                 if need > spare:
                     break
                 spare -= need
                 self._waiting.popleft()
-                ticket.request.seq_id = model.add_sequence()
+                ticket.sequence = engine.new_sequence()
                 ticket.admitted_at = ticket.admitted_at or time.perf_counter()
                 self._running.append(ticket)
 
     def _pages_for_next_step(self, ticket: Ticket) -> int:
-        return self.engine.model.pages_to_append([ticket.request.seq_id], [len(ticket.pending)])
+        return self.engine.pages_to_append([ticket.sequence], [len(ticket.pending)])  # type: ignore[list-item]
 
     def _prefill_chunk(self) -> list[Ticket]:
         """One prefill call over up to prefill_chunk_size tokens of the prompts not yet in the cache."""
-        model = self.engine.model
+        engine = self.engine
         while True:
-            budget, plan = model.prefill_chunk_size, []
+            budget, plan = engine.prefill_chunk_size, []
             for ticket in self._running:
                 if not ticket.decoding and budget > 0:
                     plan.append((ticket, ticket.pending[:budget]))
                     budget -= len(plan[-1][1])
             if not plan:
                 return []
-            seq_ids = [t.request.seq_id for t, _ in plan]
-            if model.pages_to_append(seq_ids, [len(p) for _, p in plan]) <= model.free_pages():
+            sequences = [t.sequence for t, _ in plan]
+            if engine.pages_to_append(sequences, [len(p) for _, p in plan]) <= engine.free_pages():
                 break
             self._preempt_newest()
-        logits = model.prefill(seq_ids, [piece for _, piece in plan])
+        logits = engine.prefill(sequences, [piece for _, piece in plan])
         done = []
         for (ticket, piece), row in zip(plan, logits):
             ticket.pending = ticket.pending[len(piece) :]
@@ -268,16 +250,16 @@ class Scheduler:
 
     def _decode(self) -> list[Ticket]:
         """One batch_decode call: every sequence whose prompt is in the cache gets its last token written."""
-        model = self.engine.model
+        engine = self.engine
         while True:
             batch = [t for t in self._running if t.decoding]
             if not batch:
                 return []
-            seq_ids = [t.request.seq_id for t in batch]
-            if model.pages_to_append(seq_ids, [1] * len(batch)) <= model.free_pages():
+            sequences = [t.sequence for t in batch]
+            if engine.pages_to_append(sequences, [1] * len(batch)) <= engine.free_pages():
                 break
             self._preempt_newest()
-        logits = model.decode(seq_ids, [t.pending[0] for t in batch])
+        logits = engine.decode(sequences, [t.pending[0] for t in batch])
         for ticket, row in zip(batch, logits):
             self._step(ticket, row)
         return batch
@@ -299,8 +281,7 @@ class Scheduler:
             raise MegrezError("the KV cache cannot hold a single request; raise --max-total-seq-len")
         log.info("KV cache full: request preempted after %d tokens", len(ticket.request.output_ids))
         request = ticket.request
-        self.engine.model.remove_sequence(request.seq_id)
-        request.seq_id = -1
+        self._free_sequence(ticket)
         ticket.pending = request.prompt_ids + request.output_ids
         ticket.decoding = False
         with self._cond:
@@ -311,9 +292,7 @@ class Scheduler:
     def _release(self, ticket: Ticket) -> None:
         """Take a finished or cancelled request out of the batch and free its KV-cache pages."""
         request = ticket.request
-        if request.seq_id >= 0:
-            self.engine.model.remove_sequence(request.seq_id)
-            request.seq_id = -1
+        self._free_sequence(ticket)
         with self._cond:
             if ticket in self._running:
                 self._running.remove(ticket)
@@ -321,6 +300,12 @@ class Scheduler:
         if ticket.admitted_at:
             seconds = time.perf_counter() - ticket.admitted_at
             self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * seconds
+
+    @staticmethod
+    def _free_sequence(ticket: Ticket) -> None:
+        if ticket.sequence is not None:
+            ticket.sequence.close()
+            ticket.sequence = None
 
     def _deliver(self, ticket: Ticket) -> None:
         deltas, ticket.deltas = ticket.deltas, []
@@ -331,13 +316,7 @@ class Scheduler:
                 ticket.cancelled = True
 
     def _publish_kv(self) -> None:
-        model = self.engine.model
-        snapshot = {
-            "sequences": model.num_sequences,
-            "tokens": sum(model.sequence_lengths.values()),
-            "free_pages": model.free_pages(),
-            "max_total_seq_len": model.max_total_seq_len,
-        }
+        snapshot = self.engine.kv_status()
         with self._cond:
             self._kv_snapshot = snapshot
 
@@ -345,9 +324,9 @@ class Scheduler:
         running = list(self._running)
         with self._cond:
             self._running.clear()
-        self.engine.model.clear()  # every sequence belongs to a running request; the cache may be torn
         for ticket in running:
-            ticket.request.seq_id = -1
+            # A failed pass gave back the positions it had taken, so each sequence can simply be freed.
+            self._free_sequence(ticket)
             self._fail(ticket, message)
         self._publish_kv()
 

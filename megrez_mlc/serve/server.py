@@ -32,10 +32,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MegrezError
+from ..runtime.engine import PromptTooLong
 from ..runtime.request import StreamDelta
 from ..runtime.sampling import SamplingParams
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, RequestBody, validation_error
-from .scheduler import PromptTooLong, QueueFull, Scheduler, Ticket
+from .scheduler import QueueFull, Scheduler, Ticket
 
 log = logging.getLogger("megrez_mlc")
 
@@ -100,7 +101,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         """The request's settings over the model's defaults (mlc-chat-config.json)."""
         try:
             return engine.default_sampling(
-                max_tokens=body.token_limit or scheduler.context_window_size,
+                max_tokens=body.token_limit or engine.max_single_sequence_length,
                 temperature=body.temperature,
                 top_p=body.top_p,
                 top_k=body.top_k,
@@ -375,7 +376,7 @@ def run_server(
                 port,
                 max_num_sequence,
                 status["kv_cache"]["max_total_seq_len"],
-                status["context_window_size"],
+                status["max_single_sequence_length"],
                 ", API key required" if api_key else "",
             )
             config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -3,7 +3,7 @@ whole, and its concatenated output equals the decode of all tokens."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,24 +15,6 @@ TEXTS = (
     "Emoji 🚀👨‍👩‍👧 mixed with 中文 and English.",
     "人工智能🇨🇳",
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_hf: Path) -> Tokenizer:
-    return Tokenizer(tiny_hf)
-
-
-def gpt2_byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, the alphabet byte-level BPE vocabularies are written in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    unprintable = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(unprintable)}
-
-
-def byte_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """One token per UTF-8 byte (the tokenizer's byte alphabet), so every multi-byte character is split."""
-    chars = gpt2_byte_chars()
-    return [tokenizer.token_to_id(chars[b]) for b in text.encode("utf-8")]
 
 
 def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
@@ -65,13 +47,15 @@ def test_bpe_tokens_that_split_characters(tokenizer: Tokenizer, text: str) -> No
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_one_token_per_byte(tokenizer: Tokenizer, text: str) -> None:
-    ids = byte_token_ids(tokenizer, text)
+def test_one_token_per_byte(
+    tokenizer: Tokenizer, byte_token_ids: Callable[[str], list[int]], text: str
+) -> None:
+    ids = byte_token_ids(text)
     assert len(ids) == len(text.encode("utf-8"))
     pieces = check_stream(tokenizer, ids)
     assert all(REPLACEMENT_CHAR not in p for p in pieces)
     # each character appears, whole, on the token carrying its last byte
-    assert [p for p in pieces if p] == [ch for ch in text if ch]
+    assert [p for p in pieces if p] == list(text)
 
 
 def test_random_tokens_including_invalid_utf8_and_special_tokens(tokenizer: Tokenizer) -> None:
@@ -82,7 +66,39 @@ def test_random_tokens_including_invalid_utf8_and_special_tokens(tokenizer: Toke
         check_stream(tokenizer, ids)
 
 
-def test_sequence_ending_mid_character_flushes_a_replacement(tokenizer: Tokenizer) -> None:
-    ids = byte_token_ids(tokenizer, "好")[:2]
+def test_sequence_ending_mid_character_flushes_a_replacement(
+    tokenizer: Tokenizer, byte_token_ids: Callable[[str], list[int]]
+) -> None:
+    ids = byte_token_ids("好")[:2]
     pieces = stream(tokenizer, ids)
     assert pieces == ["", "", REPLACEMENT_CHAR]
+
+
+def test_special_tokens_emit_nothing_even_between_the_bytes_of_a_character(
+    tokenizer: Tokenizer, byte_token_ids: Callable[[str], list[int]]
+) -> None:
+    turn_end, role_end = tokenizer.token_to_id("<|turn_end|>"), tokenizer.token_to_id("<|role_end|>")
+    first, *rest = byte_token_ids("好")
+    ids = [*tokenizer.encode("Hi"), turn_end, first, role_end, *rest, turn_end]
+    pieces = check_stream(tokenizer, ids)
+    # "Hi" (one or more tokens), then nothing until 好's last byte, nothing for the final special, no flush
+    assert "".join(pieces) == "Hi好"
+    assert pieces[-4:] == ["", "好", "", ""]
+
+
+def test_flush_after_whole_characters_is_empty_and_flush_is_idempotent(
+    tokenizer: Tokenizer, byte_token_ids: Callable[[str], list[int]]
+) -> None:
+    detokenizer = StreamingDetokenizer(tokenizer)
+    assert [detokenizer.put(i) for i in byte_token_ids("é😀")] == ["", "é", "", "", "", "😀"]
+    assert detokenizer.flush() == ""
+    detokenizer.put(byte_token_ids("😀")[0])
+    assert detokenizer.flush() == REPLACEMENT_CHAR
+    assert detokenizer.flush() == ""
+
+
+def test_spaces_and_newlines_survive_token_by_token(tokenizer: Tokenizer) -> None:
+    """The byte-level decoder sees earlier tokens again as context, so leading spaces are not lost."""
+    text = 'def main():\n    print("hello")\n\n  你 好  \n'
+    ids = tokenizer.encode(text)
+    assert "".join(check_stream(tokenizer, ids)) == text

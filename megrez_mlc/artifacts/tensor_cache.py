@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import MegrezError
+from .files import INDEX_FILE
 from .schemes import SCHEMES
 
-INDEX_FILE = "tensor-cache.json"
 SHARD_LIMIT_BYTES = 32 * 1024 * 1024
 
 

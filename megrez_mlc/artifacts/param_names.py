@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from .group_quant import quantized_shapes
+from .int4 import quantized_shapes
 from .schemes import QuantScheme
 
 
