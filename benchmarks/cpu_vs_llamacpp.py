@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,6 +51,7 @@ class Engine:
     """One model under test: `prefill(tokens)` then `decode(token)` calls, `reset()` between runs."""
 
     name: str
+    kernels: str  # which weight kernels run: megrez-mlc's CPU path, llama.cpp's ggml build
     weight_bytes: int
     prefill: Callable[[list[int]], None]
     decode: Callable[[int], None]
@@ -70,7 +72,7 @@ def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) ->
         gen_config(hf_dir, model_dir, quantization, force=True)
     # always compiled: a cached library would hide changes to the kernels
     result = compile_model(model_dir, "cpu", lib)
-    print(f"compiled {lib.name} in {result.seconds:.1f} s", flush=True)
+    print(f"compiled {lib.name} ({result.cpu_kernels} kernels) in {result.seconds:.1f} s", flush=True)
     model = ModelLibrary(model_dir, lib, max_batch_size=1, max_total_seq_len=max_len)
     state = {"seq": model.add_sequence()}
 
@@ -81,6 +83,7 @@ def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) ->
     weight_bytes = sum(p.stat().st_size for p in model_dir.glob("params_shard_*.bin"))
     return Engine(
         f"megrez-mlc {quantization}",
+        result.cpu_kernels,
         weight_bytes,
         lambda tokens: model.prefill([state["seq"]], [tokens]),
         lambda token: model.decode([state["seq"]], [token]),
@@ -114,9 +117,19 @@ def ensure_llama_cpp(cache: Path) -> str:
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "diskcache", "jinja2", "typing-extensions"], check=True
     )
-    note = f"built from source in {built:.0f} s"
+    flags = os.environ.get("CMAKE_ARGS")
+    note = f"built from source in {built:.0f} s" + (f" with CMAKE_ARGS={flags}" if flags else "")
     (cache / "llama-cpp-build.txt").write_text(note)
     return note
+
+
+def ggml_features(system_info: str) -> str:
+    """The SIMD paths llama.cpp's CPU backend was built with, from its system-info line."""
+    flags = {
+        part.split("=")[0].strip().split(":")[-1].strip() for part in system_info.split("|") if "= 1" in part
+    }
+    paths = ("AVX2", "AVX_VNNI", "AVX512", "AVX512_VNNI", "AMX_INT8")
+    return "ggml " + "+".join(f for f in paths if f in flags)
 
 
 def llama_engine(cache: Path, hf_dir: Path, kind: str, threads: int, max_len: int) -> Engine:
@@ -143,6 +156,7 @@ def llama_engine(cache: Path, hf_dir: Path, kind: str, threads: int, max_len: in
     )
     return Engine(
         f"llama.cpp {kind}",
+        ggml_features(llama_cpp.llama_print_system_info().decode()),
         out.stat().st_size,
         lambda tokens: llm.eval(tokens),
         lambda token: llm.eval([token]),
@@ -170,7 +184,8 @@ def torch_engine(hf_dir: Path, threads: int) -> Engine:
 
     reset()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Engine("PyTorch bf16 (transformers)", weight_bytes, forward, lambda t: forward([t]), reset)
+    name = "PyTorch bf16 (transformers)"
+    return Engine(name, "torch", weight_bytes, forward, lambda t: forward([t]), reset)
 
 
 def measure(engine: Engine, prompt: list[int], gen: list[int]) -> tuple[float, float]:
@@ -195,7 +210,7 @@ def machine() -> str:
         platform.processor(),
     )
     mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
-    return f"{cpu}, {len(__import__('os').sched_getaffinity(0))} CPUs, {mem:.0f} GiB, {platform.machine()}"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} CPUs, {mem:.0f} GiB, {platform.machine()}"
 
 
 def main() -> None:
@@ -246,10 +261,10 @@ def main() -> None:
     print(f"memory read bandwidth (same run, {threads} threads): {gb_s:.1f} GB/s")
     print()
     print(
-        "| engine | weights (GB) | prefill tok/s | decode tok/s | prefill vs Q4_K_M | decode vs Q4_K_M "
-        "| decode bound (bandwidth / weights) |"
+        "| engine | kernels | weights (GB) | prefill tok/s | decode tok/s | prefill vs Q4_K_M "
+        "| decode vs Q4_K_M | decode bound (bandwidth / weights) |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     medians = {
         name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
         for name, runs in results.items()
@@ -259,7 +274,8 @@ def main() -> None:
         prefill, decode = medians[engine.name]
         bound = gb_s * 1e9 / engine.weight_bytes
         print(
-            f"| {engine.name} | {engine.weight_bytes / 1e9:.2f} | {prefill:.1f} | {decode:.2f} "
+            f"| {engine.name} | {engine.kernels} | {engine.weight_bytes / 1e9:.2f} | {prefill:.1f} "
+            f"| {decode:.2f} "
             f"| {prefill / ref_prefill:.2f}x | {decode / ref_decode:.2f}x | {bound:.1f} |"
         )
 

@@ -239,6 +239,15 @@ def gen_config_cmd(
 @click.option(
     "--host", default=None, help="LLVM host triple, e.g. aarch64-linux-gnu (default: the target's)."
 )
+@click.option(
+    "--cpu", default=None, help="LLVM CPU of the host, e.g. znver3 or haswell (default: this machine's)."
+)
+@click.option(
+    "--cpu-kernels",
+    default="int8",
+    show_default=True,
+    help="CPU weight kernels: int8 (integer dot products, AVX2/VNNI) or exact (float32).",
+)
 @click.option("--cuda-arch", default=None, help="CUDA architecture, e.g. sm_89 (default: the local GPU's).")
 @click.option(
     "--system-lib-prefix",
@@ -254,6 +263,8 @@ def compile_cmd(
     target: str,
     output: Path,
     host: str | None,
+    cpu: str | None,
+    cpu_kernels: str,
     cuda_arch: str | None,
     system_lib_prefix: str | None,
     max_batch_size: int,
@@ -268,6 +279,8 @@ def compile_cmd(
         target,
         output,
         host=host,
+        cpu=cpu,
+        cpu_kernels=cpu_kernels,
         cuda_arch=cuda_arch,
         system_lib_prefix=system_lib_prefix,
         max_batch_size=max_batch_size,
@@ -275,7 +288,8 @@ def compile_cmd(
         prefill_chunk_size=prefill_chunk_size,
     )
     prefix = f" (system library, prefix {result.system_lib_prefix})" if result.system_lib_prefix else ""
-    click.echo(f"compiled {output} for {result.target}{prefix} in {result.seconds:.1f} s")
+    kernels = f", {result.cpu_kernels} kernels" if result.cpu_kernels else ""
+    click.echo(f"compiled {output} for {result.target}{prefix}{kernels} in {result.seconds:.1f} s")
 
 
 @main.command("targets")

@@ -463,3 +463,15 @@ def test_serve_on_a_busy_port_or_unknown_host() -> None:
         [*SERVE, "--host", "no-such-host.invalid"],
         "cannot serve on --host no-such-host.invalid: ",
     )
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--cpu-kernels", "fast"], "--cpu-kernels fast: choose one of int8, exact"),
+        (["--cpu", "pentium9"], "--cpu pentium9: LLVM knows no such CPU"),
+    ],
+)
+def test_bad_cpu_kernel_options(built, tmp_path: Path, option: list[str], message: str) -> None:
+    out = tmp_path / "lib.so"
+    assert_clean_failure(["compile", str(built("q4f32_1").model_dir), "-o", str(out), *option], message, out)

@@ -12,10 +12,12 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from megrez_mlc.runtime import Engine, SamplingParams
+from megrez_mlc.runtime.model_lib import ModelLibrary
 
 from .conftest import build, reference_model
 
@@ -51,7 +53,9 @@ def smollm2_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_built(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("real-built")
     # 512 positions are plenty for these prompts and keep the KV cache small (the model allows 8192)
-    return lambda quantization: build(smollm2_hf, quantization, root, context_window_size=512)
+    return lambda quantization, cpu_kernels="exact": build(
+        smollm2_hf, quantization, root, cpu_kernels, context_window_size=512
+    )
 
 
 def transformers_generate(
@@ -110,3 +114,55 @@ def test_generation_stops_where_transformers_does(smollm2_built) -> None:
     assert result.finish_reason == "stop"
     # the README quotes this answer; a trained model knows it, a broken pipeline would not
     assert result.text == " Paris.\n\nThe answer is: 2018-01-22 12:12:53."
+
+
+# Ordinary prose (written for this test) for perplexity: a trained model predicts it well, so a kernel
+# that perturbs the model shows up as a change in how well.
+PERPLEXITY_TEXT = (
+    "The first maps were drawn to answer a simple question: how do I get there from here? A trader crossing "
+    "the desert needed to know where the wells were, and a fisherman needed to know where the rocks lay "
+    "under the water. Over many centuries these practical sketches grew into something larger. Scholars in "
+    "the great libraries of the ancient world collected reports from sailors and soldiers, and tried to fit "
+    "them together into a picture of the whole known world. They argued about the size of the earth, the "
+    "shape of the coasts and the sources of the rivers. Some of their guesses were wildly wrong, but others "
+    "were surprisingly close to the truth.\n\n"
+    "Printing changed everything. Once a map could be copied a thousand times without error, mistakes could "
+    "be found and corrected, and every new edition was a little better than the last. Explorers carried "
+    "printed charts on their ships and came home with notes in the margins. By the time of the railways, "
+    "surveyors with careful instruments were measuring every hill and valley, and governments published "
+    "detailed sheets that showed each road, church and farm. Today a phone in your pocket knows where you "
+    "are to within a few steps, and it can tell you the fastest way home while you walk. Yet the old "
+    "question is still the same one that the trader asked at the edge of the desert, so long ago."
+)
+
+
+def perplexity(model, token_ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of each token after the ones before it, one decode step each."""
+    lib = ModelLibrary(model.model_dir, model.lib)
+    seq = lib.add_sequence()
+    logits = lib.prefill([seq], [token_ids[:1]])[0]
+    nll = []
+    for token in token_ids[1:]:
+        log_probs = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64))
+        nll.append(-log_probs[token])
+        logits = lib.decode([seq], [token])[0]
+    return float(np.exp(np.mean(nll)))
+
+
+@pytest.mark.parametrize("quantization", ["q4f32_1", "q4f16_1"])
+def test_int8_kernels_keep_the_trained_models_answers(smollm2_built, quantization: str) -> None:
+    """The int8 CPU kernels (compile's default) against the exact ones on the trained model: greedy ids agree
+    for at least 30 of the first 32 tokens of each prompt, and perplexity over ~300 tokens of prose differs
+    by less than 1%."""
+    exact, int8 = smollm2_built(quantization), smollm2_built(quantization, "int8")
+    engines = Engine(exact.model_dir, exact.lib), Engine(int8.model_dir, int8.lib)
+    for prompt in PROMPTS:
+        ours_exact, ours_int8 = (engine.generate(prompt, GREEDY_32).token_ids for engine in engines)
+        same = sum(a == b for a, b in zip(ours_exact, ours_int8))
+        assert same >= 30, (prompt, ours_exact, ours_int8)
+    tokens = engines[0].tokenizer.encode(PERPLEXITY_TEXT)
+    assert 250 <= len(tokens) <= 400
+    exact_ppl, int8_ppl = perplexity(exact, tokens), perplexity(int8, tokens)
+    # measured 39 for q4f32_1 (a 135M model, no BOS); a uniform guess over the vocabulary would be 49,152
+    assert exact_ppl < 100
+    assert abs(int8_ppl / exact_ppl - 1) < 0.01, (exact_ppl, int8_ppl)

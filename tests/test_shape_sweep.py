@@ -9,7 +9,8 @@ rms_norm_eps, max_position_embeddings). transformers 5 writes `rope_parameters`;
 rewritten into the layout transformers 4 wrote (top-level `rope_theta`, a `rope_scaling` dict, no
 `head_dim` when it is hidden/heads), which transformers 5 still reads: both layouts must give the same model.
 q0f32 must give exactly transformers' greedy tokens; q4f32_1 exactly those of transformers running on the
-dequantized weights.
+dequantized weights (both with the exact CPU kernels). The int8 kernels (compile's default) are held to
+tolerances instead: see test_int8_kernels.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from megrez_mlc.rope import RopeScaling
 from megrez_mlc.runtime import Engine, SamplingParams
 from megrez_mlc.tiny import build_tokenizer
 
-from .conftest import reference_model
+from .conftest import BuiltModel, reference_model
+from .test_int8_kernels import INT8_TOLERANCE, assert_within, int8_activations
+from .test_logits import ours_and_reference
 
 STEPS = 24
 PROMPT = "The quick brown fox 你好 42"
@@ -317,7 +320,7 @@ def test_greedy_equals_transformers(sweep: Sweep, sweep_root: Path) -> None:
         convert_weight(hf_dir, model_dir, quantization)
         gen_config(hf_dir, model_dir, quantization)
         lib = model_dir / "lib.so"
-        compile_model(model_dir, "cpu", lib)
+        compile_model(model_dir, "cpu", lib, cpu_kernels="exact")
         engine = Engine(model_dir, lib, device="cpu")
         prompt_ids = prompt_ids or engine.tokenizer.encode(PROMPT)
         ours = engine.generate(prompt_ids, SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
@@ -326,6 +329,18 @@ def test_greedy_equals_transformers(sweep: Sweep, sweep_root: Path) -> None:
         else:
             hf_model = reference_model(hf_dir, model_dir)
         assert ours.token_ids == transformers_greedy(hf_model, prompt_ids), quantization
+    check_int8_kernels(BuiltModel(hf_dir, model_dir, model_dir / "lib-int8.so", "q4f32_1"), prompt_ids)
+
+
+def check_int8_kernels(model: BuiltModel, prompt_ids: list[int]) -> None:
+    """q4f32_1 with the int8 kernels: logits within INT8_TOLERANCE of transformers whose Linears see int8
+    activations, and of transformers in float (which the exact kernels match to 1e-4)."""
+    compile_model(model.model_dir, "cpu", model.lib, cpu_kernels="int8")
+    with int8_activations():
+        ours, fake_quantized = ours_and_reference(model, prompt_ids)
+    _, float_reference = ours_and_reference(model, prompt_ids)
+    assert_within(ours, fake_quantized, INT8_TOLERANCE["same quantization"])
+    assert_within(ours, float_reference, INT8_TOLERANCE["float"])
 
 
 def test_sweep_sets_every_field_the_reader_takes() -> None:

@@ -25,6 +25,7 @@ from ..config import ModelConfig
 from ..errors import MegrezError
 from ..home import megrez_home
 from .gpu import check_attention_head_dim, device_functions, functions_left_on_host
+from .int8_matmul import DotIsa, select_isa
 from .model import MegrezForCausalLM
 from .pipeline import build_pipeline
 from .quantized import quantize_model
@@ -43,6 +44,27 @@ class CompileResult:
     system_lib_prefix: str  # "" for a shared library
     device_functions: tuple[str, ...]  # the PrimFuncs that run on the GPU (empty for cpu)
     device_source: str  # the generated kernels: CUDA C, OpenCL C, Metal or WGSL ("" for cpu)
+    cpu_kernels: str  # the CPU weight kernels: "int8 (avx512-vnni)", "exact", ... ("" for GPU targets)
+
+
+# `compile --cpu-kernels`: int8 dot products (compile/int8_matmul.py) or the float32 kernels, whose results
+# are the reference the token-identity tests compare with transformers.
+CPU_KERNELS = ("int8", "exact")
+
+
+def int8_isa_for(target: tvm.target.Target, scheme: QuantScheme, cpu_kernels: str) -> DotIsa | None:
+    """The ISA of the int8 kernels a CPU library gets, or None for the exact float32 ones."""
+    if cpu_kernels not in CPU_KERNELS:
+        raise MegrezError(f"--cpu-kernels {cpu_kernels}: choose one of {', '.join(CPU_KERNELS)}")
+    if cpu_kernels == "exact" or not scheme.quantized or target.kind.name != "llvm":
+        return None
+    return select_isa(target)  # None without AVX2: the exact kernels
+
+
+def describe_cpu_kernels(target: tvm.target.Target, isa: DotIsa | None) -> str:
+    if target.kind.name != "llvm":
+        return ""
+    return f"int8 ({isa.name})" if isa else "exact"
 
 
 def library_metadata(
@@ -79,9 +101,9 @@ def library_metadata(
 
 
 def build_ir_module(
-    config: ModelConfig, scheme: QuantScheme, target: tvm.target.Target
+    config: ModelConfig, scheme: QuantScheme, target: tvm.target.Target, int8_isa: DotIsa | None = None
 ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    model = quantize_model(MegrezForCausalLM(config, target), scheme)
+    model = quantize_model(MegrezForCausalLM(config, target), scheme, int8_isa)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     check_params_match_weights(named_params, config, scheme)
     return mod, named_params
@@ -140,7 +162,9 @@ def compile_model(
     output: Path,
     *,
     host: str | None = None,
+    cpu: str | None = None,
     cuda_arch: str | None = None,
+    cpu_kernels: str = "int8",
     system_lib_prefix: str | None = None,
     max_batch_size: int | None = None,
     prefill_chunk_size: int | None = None,
@@ -159,7 +183,8 @@ def compile_model(
     scheme = get_scheme(chat_config.quantization)
     preset: TargetPreset = get_target(target_name)
     preset.check_can_compile()
-    target = preset.make(host, cuda_arch)
+    target = preset.make(host, cuda_arch, cpu)
+    int8_isa = int8_isa_for(target, scheme, cpu_kernels)
     library = preset.output(output, host)  # before compiling: an unwritable -o fails fast
     prefix = check_system_lib_prefix(system_lib_prefix or default_system_lib_prefix(scheme))
     bounds = {
@@ -178,7 +203,9 @@ def compile_model(
         )
 
     with failures_logged_as_bugs(preset.name):
-        executable, metadata, on_device = _build(config, scheme, target, preset, library, prefix, bounds)
+        executable, metadata, on_device = _build(
+            config, scheme, target, int8_isa, preset, library, prefix, bounds
+        )
     _export(executable, output, preset, library)
     return CompileResult(
         output,
@@ -188,6 +215,7 @@ def compile_model(
         prefix if library.system_lib else "",
         on_device,
         device_source(executable),
+        describe_cpu_kernels(target, int8_isa),
     )
 
 
@@ -195,13 +223,14 @@ def _build(
     config: ModelConfig,
     scheme: QuantScheme,
     target: tvm.target.Target,
+    int8_isa: DotIsa | None,
     preset: TargetPreset,
     library: LibraryOutput,
     prefix: str,
     bounds: dict[str, int],
 ) -> tuple[relax.VMExecutable, dict[str, Any], tuple[str, ...]]:
     """The TVM work: graph, pipeline, code generation; returns (executable, metadata, device functions)."""
-    mod, named_params = build_ir_module(config, scheme, target)
+    mod, named_params = build_ir_module(config, scheme, target, int8_isa)
     if library.system_lib:
         mod = mod.with_attr("system_lib_prefix", prefix)
     metadata = library_metadata(config, scheme, named_params, bounds["seq_len"], bounds["batch_size"])

@@ -16,6 +16,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from ..artifacts.int4 import quantized_shapes
 from ..artifacts.schemes import QuantScheme
 from . import ops
+from .int8_matmul import DotIsa, int8_gemm_kernel, int8_gemv_kernel
 from .model import Embedding, Linear, compiling_for_cpu
 
 
@@ -27,11 +28,13 @@ def _is_single_token(x: Tensor) -> bool:
 class QuantizedLinear(nn.Module):
     """y = x @ dequantize(q_weight, q_scale)^T (+ b) for a Linear's [out, in] weight in int4 groups.
 
-    On CPUs the weights dequantize to float32 (CPUs have no fast float16 arithmetic), and one token goes
-    through a dedicated GEMV (ops.dequantize_gemv_cpu) instead of a one-row GEMM.
+    With `int8_isa` (CPU targets with AVX2 or VNNI, `--cpu-kernels int8`), the product runs through the
+    integer dot-product kernels of compile/int8_matmul.py. Otherwise, on CPUs, the weights dequantize to
+    float32 (CPUs have no fast float16 arithmetic), and one token goes through a dedicated GEMV
+    (ops.dequantize_gemv_cpu) instead of a one-row GEMM.
     """
 
-    def __init__(self, linear: Linear, scheme: QuantScheme) -> None:
+    def __init__(self, linear: Linear, scheme: QuantScheme, int8_isa: DotIsa | None = None) -> None:
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.dtype = scheme.model_dtype
@@ -39,12 +42,15 @@ class QuantizedLinear(nn.Module):
         self.q_weight = nn.Parameter(q_weight_shape, "uint32")
         self.q_scale = nn.Parameter(q_scale_shape, scheme.scale_dtype)
         self.bias = linear.bias
+        self.int8_isa = int8_isa
 
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         y = self._matmul(x, out_dtype or self.dtype)
         return y if self.bias is None else y + self.bias
 
     def _matmul(self, x: Tensor, out_dtype: str) -> Tensor:
+        if self.int8_isa is not None:
+            return self._int8_matmul(x, out_dtype)
         if compiling_for_cpu() and _is_single_token(x):
             return op.tensor_expr_op(
                 lambda a, w, s: ops.dequantize_gemv_cpu(a, w, s, self.in_features, out_dtype),
@@ -57,6 +63,20 @@ class QuantizedLinear(nn.Module):
             "dequantize_matmul",
             [x, self.q_weight, self.q_scale],
         )
+
+    def _int8_matmul(self, x: Tensor, out_dtype: str) -> Tensor:
+        """x [..., K] as [M, K] rows through the int8 GEMV (one token) or GEMM, then back to x's shape."""
+        *lead, _ = x.shape
+        single = _is_single_token(x)
+        kernel = int8_gemv_kernel if single else int8_gemm_kernel
+        func = kernel(
+            self.int8_isa, self.out_features, self.in_features, x.dtype, self.q_scale.dtype, out_dtype
+        )
+        rows = op.reshape(x, [1 if single else -1, self.in_features])
+        out = Tensor.placeholder([rows.shape[0], self.out_features], out_dtype)
+        args = [rows, self.q_weight, self.q_scale]
+        y = op.tensor_ir_op(func, "int8_gemv" if single else "int8_gemm", args, out)
+        return op.reshape(y, [*lead, self.out_features])
 
 
 class QuantizedEmbedding(QuantizedLinear):
@@ -73,20 +93,22 @@ class QuantizedEmbedding(QuantizedLinear):
 class GroupQuantizer(nn.Mutator):
     """Replaces every Linear and Embedding of a module tree by its int4 form."""
 
-    def __init__(self, scheme: QuantScheme) -> None:
+    def __init__(self, scheme: QuantScheme, int8_isa: DotIsa | None) -> None:
         self.scheme = scheme
+        self.int8_isa = int8_isa
 
     def visit_module(self, name: str, node: nn.Module) -> nn.Module:
         if isinstance(node, Embedding):  # first: an Embedding is also a Linear
-            return QuantizedEmbedding(node, self.scheme)
+            return QuantizedEmbedding(node, self.scheme, self.int8_isa)
         if isinstance(node, Linear):
-            return QuantizedLinear(node, self.scheme)
+            return QuantizedLinear(node, self.scheme, self.int8_isa)
         return self.visit(name, node)
 
 
-def quantize_model(model: nn.Module, scheme: QuantScheme) -> nn.Module:
-    """`model`, built of float layers, in the scheme's float type and, under q4 schemes, its layers int4."""
+def quantize_model(model: nn.Module, scheme: QuantScheme, int8_isa: DotIsa | None = None) -> nn.Module:
+    """`model`, built of float layers, in the scheme's float type and, under q4 schemes, its layers int4
+    (multiplied through int8 dot products with `int8_isa`)."""
     model.to(scheme.model_dtype)  # before the swap: `to` would convert the uint32 words too
     if scheme.quantized:
-        model = GroupQuantizer(scheme).visit("", model)
+        model = GroupQuantizer(scheme, int8_isa).visit("", model)
     return model

@@ -37,12 +37,19 @@ def this_machine_triple() -> str:
     return codegen.llvm_get_system_triple()
 
 
-def host_llvm_target(host: str | None = None) -> tvm.target.Target:
-    """LLVM for this machine's CPU (its vector ISA: AVX2, AVX-512...), or for the `--host` triple given."""
+def host_llvm_target(host: str | None = None, cpu: str | None = None) -> tvm.target.Target:
+    """LLVM for this machine's CPU (its vector ISA: AVX2, AVX-512...), or for the `--host` triple given,
+    with `--cpu` naming the CPU (an LLVM CPU name such as haswell, znver3, sapphirerapids)."""
+    triple = host or this_machine_triple()
+    if cpu and not codegen.llvm_is_valid_cpu(cpu, triple):
+        raise MegrezError(
+            f"--cpu {cpu}: LLVM knows no such CPU for {triple}; use an LLVM CPU name such as haswell, "
+            "znver3 or sapphirerapids (`llc -mtriple={triple} -mcpu=help` lists them)"
+        )
     if host:
-        return tvm.target.Target({"kind": "llvm", "mtriple": host})
+        return tvm.target.Target({"kind": "llvm", "mtriple": host, **({"mcpu": cpu} if cpu else {})})
     return tvm.target.Target(
-        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+        {"kind": "llvm", "mcpu": cpu or codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
     )
 
 
@@ -119,11 +126,13 @@ class TargetPreset:
     runs_elsewhere: str | None = None  # where the library runs when it is never on this machine
     schedules: SchedulePasses = field(default=no_schedules)
 
-    def make(self, host: str | None = None, cuda_arch: str | None = None) -> tvm.target.Target:
-        """The TVM target, host included; `host` overrides the host triple."""
+    def make(
+        self, host: str | None = None, cuda_arch: str | None = None, cpu: str | None = None
+    ) -> tvm.target.Target:
+        """The TVM target, host included; `host` overrides the host triple, `cpu` the host CPU."""
         if cuda_arch and self.codegen != "cuda":
             raise MegrezError(f"--cuda-arch applies to --target cuda, not {self.name}")
-        host_target = host_llvm_target(host or self.default_host)
+        host_target = host_llvm_target(host or self.default_host, cpu)
         if self.device_target is None:
             return host_target
         attrs = dict(self.device_target)
