@@ -340,7 +340,7 @@ def check_int8_kernels(model: BuiltModel, prompt_ids: list[int]) -> None:
         ours, fake_quantized = ours_and_reference(model, prompt_ids)
     _, float_reference = ours_and_reference(model, prompt_ids)
     assert_within(ours, fake_quantized, INT8_TOLERANCE["same quantization"])
-    assert_within(ours, float_reference, INT8_TOLERANCE["float"])
+    assert_within(ours, float_reference, INT8_TOLERANCE["float, spread weights"])
 
 
 def test_sweep_sets_every_field_the_reader_takes() -> None:
