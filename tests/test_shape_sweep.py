@@ -339,7 +339,7 @@ def check_int8_kernels(model: BuiltModel, prompt_ids: list[int]) -> None:
     with int8_activations():
         ours, fake_quantized = ours_and_reference(model, prompt_ids)
     _, float_reference = ours_and_reference(model, prompt_ids)
-    assert_within(ours, fake_quantized, INT8_TOLERANCE["same quantization"])
+    assert_within(ours, fake_quantized, INT8_TOLERANCE["same quantization, spread weights"])
     assert_within(ours, float_reference, INT8_TOLERANCE["float, spread weights"])
 
 
