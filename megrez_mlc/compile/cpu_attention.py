@@ -27,7 +27,7 @@ KEY_BLOCK = 16  # keys per softmax step: one page of TVM's KV cache
 MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
 
 
-def _fold(combine, values: list):
+def fold_tree(combine, values: list):
     """combine(...) over the values as a balanced tree (short dependency chains, vector-friendly)."""
     while len(values) > 1:
         values = [
@@ -39,12 +39,12 @@ def _fold(combine, values: list):
 
 def _block_max(buffer, *row):
     """Largest of buffer[*row, 0:KEY_BLOCK]."""
-    return _fold(T.max, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
+    return fold_tree(T.max, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
 
 
 def _block_sum(buffer, *row):
     """Sum of buffer[*row, 0:KEY_BLOCK]."""
-    return _fold(lambda a, b: a + b, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
+    return fold_tree(lambda a, b: a + b, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
 
 
 def _exp2_clamped(x):

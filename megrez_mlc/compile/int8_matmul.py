@@ -32,6 +32,7 @@ from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
 from ..artifacts.int4 import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD
+from .cpu_attention import fold_tree
 
 WORDS_PER_GROUP = GROUP_SIZE // NIBBLES_PER_WORD
 INT8_MAX = 127
@@ -99,15 +100,6 @@ def _words_per_vector(isa: DotIsa, words: int) -> int:
     return next(w for w in (isa.max_words, 8, 4) if w <= isa.max_words and words % w == 0)
 
 
-def _fold(combine, values: list):
-    while len(values) > 1:
-        values = [
-            combine(*values[i : i + 2]) if i + 1 < len(values) else values[i]
-            for i in range(0, len(values), 2)
-        ]
-    return values[0]
-
-
 def _lane_sum(vector, lanes: int):
     """The sum of a vector's lanes as a tree of halves (log2(lanes) vector adds, not lanes - 1 scalar)."""
     while lanes > 1:
@@ -147,7 +139,7 @@ def _quantize_activations(in_features: int, tile: int, parallel: bool):
                 T.writes()
                 token: T.let[T.int64] = task // groups
                 g: T.let[T.int64] = task % groups
-                amax: T.let[T.float32] = _fold(
+                amax: T.let[T.float32] = fold_tree(
                     T.max, [T.fabs(value(x, token, g * GROUP_SIZE + j)) for j in range(GROUP_SIZE)]
                 )
                 d: T.let[T.float32] = amax / T.float32(INT8_MAX)
