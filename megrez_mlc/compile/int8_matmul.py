@@ -25,13 +25,14 @@ instructions are LLVM intrinsics called from TIR, so the kernels compile for a C
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import tvm
 from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
-from ..artifacts.int4 import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD
+from ..artifacts.int4 import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD, padded_k
 from .cpu_attention import fold_tree
 
 WORDS_PER_GROUP = GROUP_SIZE // NIBBLES_PER_WORD
@@ -114,7 +115,7 @@ def prefetch(address):
 
 
 def _words(in_features: int) -> int:
-    return -(-in_features // GROUP_SIZE) * WORDS_PER_GROUP
+    return padded_k(in_features) // NIBBLES_PER_WORD
 
 
 def _quantize_activations(in_features: int, tile: int, parallel: bool):
@@ -154,6 +155,8 @@ def _quantize_activations(in_features: int, tile: int, parallel: bool):
     return quantize
 
 
+# one per (ISA, shape, types): parsing TVMScript is most of a compile's time, and a layer repeats its shapes
+@functools.cache
 def int8_gemv_kernel(
     isa: DotIsa, out_features: int, in_features: int, x_dtype: str, scale_dtype: str, out_dtype: str
 ) -> tvm.tirx.PrimFunc:
@@ -226,6 +229,8 @@ def int8_gemv_kernel(
     return int8_gemv.without_attr("global_symbol")  # one per weight shape: the module names them
 
 
+# cached like the GEMV
+@functools.cache
 def int8_gemm_kernel(
     isa: DotIsa, out_features: int, in_features: int, x_dtype: str, scale_dtype: str, out_dtype: str
 ) -> tvm.tirx.PrimFunc:
