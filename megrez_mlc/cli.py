@@ -248,6 +248,11 @@ def gen_config_cmd(
     show_default=True,
     help="CPU weight kernels: int8 (integer dot products, AVX2/VNNI) or exact (float32).",
 )
+@click.option(
+    "--kv-cache-dtype",
+    default=None,
+    help="CPU KV cache: float16 or float32 (default: float16 with int8 kernels, else the model's type).",
+)
 @click.option("--cuda-arch", default=None, help="CUDA architecture, e.g. sm_89 (default: the local GPU's).")
 @click.option(
     "--system-lib-prefix",
@@ -265,6 +270,7 @@ def compile_cmd(
     host: str | None,
     cpu: str | None,
     cpu_kernels: str,
+    kv_cache_dtype: str | None,
     cuda_arch: str | None,
     system_lib_prefix: str | None,
     max_batch_size: int,
@@ -281,6 +287,7 @@ def compile_cmd(
         host=host,
         cpu=cpu,
         cpu_kernels=cpu_kernels,
+        kv_cache_dtype=kv_cache_dtype,
         cuda_arch=cuda_arch,
         system_lib_prefix=system_lib_prefix,
         max_batch_size=max_batch_size,
@@ -288,7 +295,8 @@ def compile_cmd(
         prefill_chunk_size=prefill_chunk_size,
     )
     prefix = f" (system library, prefix {result.system_lib_prefix})" if result.system_lib_prefix else ""
-    kernels = f", {result.cpu_kernels} kernels" if result.cpu_kernels else ""
+    cpu = result.cpu_kernels
+    kernels = f", {cpu} kernels, {result.kv_cache_dtype} KV cache" if cpu else ""
     click.echo(f"compiled {output} for {result.target}{prefix}{kernels} in {result.seconds:.1f} s")
 
 

@@ -76,22 +76,29 @@ _BUILT: dict[tuple[Path, str], BuiltModel] = {}
 
 
 def build(
-    hf_dir: Path, quantization: str, root: Path, cpu_kernels: str = "exact", **gen_config_args: object
+    hf_dir: Path,
+    quantization: str,
+    root: Path,
+    cpu_kernels: str = "exact",
+    kv_cache_dtype: str | None = None,
+    **gen_config_args: object,
 ) -> BuiltModel:
-    """Convert, gen-config and compile once per (checkpoint, quantization, CPU kernels) for the session.
+    """Convert, gen-config and compile once per (checkpoint, quantization, CPU kernels, KV cache type) for the
+    session.
 
     The exact float32 kernels by default: the tests that compare with transformers token for token run
-    them; the int8 ones (compile's default) are compared with these in test_int8_kernels.py."""
+    them; the int8 ones (compile's default) are compared with these in test_int8_kernels.py. The KV cache
+    type is compile's default for the kernels unless given (test_kv_cache_dtype.py)."""
     from megrez_mlc.compile.compiler import compile_model  # here: importing TVM costs the unit tier seconds
 
-    key = (hf_dir, quantization, cpu_kernels)
+    key = (hf_dir, quantization, cpu_kernels, kv_cache_dtype)
     if key not in _BUILT:
         model_dir = root / f"{hf_dir.name}-{quantization}"
         if not (model_dir / "mlc-chat-config.json").is_file():
             convert_weight(hf_dir, model_dir, quantization)
             gen_config(hf_dir, model_dir, quantization, **gen_config_args)
-        lib = model_dir / ("lib.so" if cpu_kernels == "exact" else f"lib-{cpu_kernels}.so")
-        compile_model(model_dir, "cpu", lib, cpu_kernels=cpu_kernels)
+        lib = model_dir / f"lib-{cpu_kernels}-{kv_cache_dtype or 'default'}-kv.so"
+        compile_model(model_dir, "cpu", lib, cpu_kernels=cpu_kernels, kv_cache_dtype=kv_cache_dtype)
         _BUILT[key] = BuiltModel(hf_dir, model_dir, lib, quantization)
     return _BUILT[key]
 
@@ -99,7 +106,9 @@ def build(
 @pytest.fixture(scope="session")
 def built(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("built")
-    return lambda quantization, cpu_kernels="exact": build(tiny_hf, quantization, root, cpu_kernels)
+    return lambda quantization, cpu_kernels="exact", kv_cache_dtype=None: build(
+        tiny_hf, quantization, root, cpu_kernels, kv_cache_dtype
+    )
 
 
 def reference_state_dict(model_dir: Path, config: ModelConfig) -> dict[str, np.ndarray]:

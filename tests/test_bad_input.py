@@ -470,6 +470,12 @@ def test_serve_on_a_busy_port_or_unknown_host() -> None:
     [
         (["--cpu-kernels", "fast"], "--cpu-kernels fast: choose one of int8, exact"),
         (["--cpu", "pentium9"], "--cpu pentium9: LLVM knows no such CPU"),
+        (["--kv-cache-dtype", "bfloat16"], "--kv-cache-dtype bfloat16: choose one of float16, float32"),
+        (
+            ["--kv-cache-dtype", "float16", "--target", "cuda"],
+            "--kv-cache-dtype float16 is for CPU targets; a GPU library keeps its KV cache in the model's "
+            "float type (float32 for q4f32_1): leave the option out",
+        ),
     ],
 )
 def test_bad_cpu_kernel_options(built, tmp_path: Path, option: list[str], message: str) -> None:

@@ -190,13 +190,15 @@ def test_other_architectures_get_the_exact_kernels() -> None:
 
 
 def test_compile_picks_the_fast_path_by_default(built) -> None:
-    """`compile` without --cpu-kernels uses the int8 kernels of this CPU's best ISA; exact on request."""
+    """`compile` without --cpu-kernels uses the int8 kernels of this CPU's best ISA, with a float16 KV cache;
+    exact on request, with the model's float32 cache."""
     host_isa = select_isa(HOST)
     int8 = built("q4f32_1", "int8")
     result = compile_model(int8.model_dir, "cpu", int8.lib.with_name("default.so"))
     assert result.cpu_kernels == (f"int8 ({host_isa.name})" if host_isa else "exact")
+    assert result.kv_cache_dtype == ("float16" if host_isa else "float32")
     exact = compile_model(int8.model_dir, "cpu", int8.lib.with_name("exact.so"), cpu_kernels="exact")
-    assert exact.cpu_kernels == "exact"
+    assert (exact.cpu_kernels, exact.kv_cache_dtype) == ("exact", "float32")
 
 
 @contextmanager
@@ -225,8 +227,9 @@ def assert_within(ours: np.ndarray, ref: np.ndarray, relative: float) -> None:
 @pytest.mark.parametrize("quantization", ["q4f32_1", "q4f16_1"])
 def test_int8_library_matches_transformers(built, quantization: str) -> None:
     """The tiny model, int8 library: logits after a prompt and 16 greedy steps within 5% (relative to the
-    largest logit) of transformers in float (the exact library's reference) and, for q4f32_1, within 1e-3 of
-    transformers whose every Linear sees its input quantized as the kernels do. (q4f16_1's float16
+    largest logit) of transformers in float (the exact library's reference) and, for q4f32_1 with a float32
+    KV cache (float16 is the int8 default), within 1e-3 of transformers whose every Linear sees its input
+    quantized as the kernels do. (q4f16_1's float16
     activations differ from float32 ones by ~2**-11, which moves a few percent of them across an int8
     rounding boundary: no tighter reference exists for it.) The shape sweep runs the same checks."""
     prompt = np.random.default_rng(7).integers(0, 300, 23).tolist()
@@ -235,5 +238,5 @@ def test_int8_library_matches_transformers(built, quantization: str) -> None:
     assert_within(ours, float_reference, INT8_TOLERANCE["float"])
     if quantization == "q4f32_1":
         with int8_activations():
-            ours, fake_quantized = ours_and_reference(model, prompt)
+            ours, fake_quantized = ours_and_reference(built(quantization, "int8", "float32"), prompt)
         assert_within(ours, fake_quantized, INT8_TOLERANCE["same quantization"])

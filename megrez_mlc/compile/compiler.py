@@ -45,6 +45,7 @@ class CompileResult:
     device_functions: tuple[str, ...]  # the PrimFuncs that run on the GPU (empty for cpu)
     device_source: str  # the generated kernels: CUDA C, OpenCL C, Metal or WGSL ("" for cpu)
     cpu_kernels: str  # the CPU weight kernels: "int8 (avx512-vnni)", "exact", ... ("" for GPU targets)
+    kv_cache_dtype: str  # what the KV cache holds: "float16" or "float32"
 
 
 # `compile --cpu-kernels`: int8 dot products (compile/int8_matmul.py) or the float32 kernels, whose results
@@ -59,6 +60,30 @@ def int8_isa_for(target: tvm.target.Target, scheme: QuantScheme, cpu_kernels: st
     if cpu_kernels == "exact" or not scheme.quantized or target.kind.name != "llvm":
         return None
     return select_isa(target)  # None without AVX2: the exact kernels
+
+
+# `compile --kv-cache-dtype` (CPU targets): float16 halves what decode reads per cached token, which at
+# long contexts rivals the weights (80 KiB a token for Megrez-3B, 640 MiB at 8K); float32 keeps the
+# cached keys and values as the float32 model computed them.
+KV_CACHE_DTYPES = ("float16", "float32")
+
+
+def kv_cache_dtype_for(
+    target: tvm.target.Target, scheme: QuantScheme, int8_isa: DotIsa | None, requested: str | None
+) -> str:
+    """The KV cache's float type: as requested, or by default float16 with the int8 CPU kernels (the fast
+    path, and llama.cpp's default cache type) and the model's float type otherwise (the exact path, and every
+    GPU target as in MLC-LLM)."""
+    if requested is None:
+        return "float16" if int8_isa is not None else scheme.model_dtype
+    if requested not in KV_CACHE_DTYPES:
+        raise MegrezError(f"--kv-cache-dtype {requested}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+    if target.kind.name != "llvm" and requested != scheme.model_dtype:
+        raise MegrezError(
+            f"--kv-cache-dtype {requested} is for CPU targets; a GPU library keeps its KV cache in the "
+            f"model's float type ({scheme.model_dtype} for {scheme.name}): leave the option out"
+        )
+    return requested
 
 
 def describe_cpu_kernels(target: tvm.target.Target, isa: DotIsa | None) -> str:
@@ -101,9 +126,13 @@ def library_metadata(
 
 
 def build_ir_module(
-    config: ModelConfig, scheme: QuantScheme, target: tvm.target.Target, int8_isa: DotIsa | None = None
+    config: ModelConfig,
+    scheme: QuantScheme,
+    target: tvm.target.Target,
+    int8_isa: DotIsa | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    model = quantize_model(MegrezForCausalLM(config, target), scheme, int8_isa)
+    model = quantize_model(MegrezForCausalLM(config, target, kv_cache_dtype), scheme, int8_isa)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     check_params_match_weights(named_params, config, scheme)
     return mod, named_params
@@ -165,6 +194,7 @@ def compile_model(
     cpu: str | None = None,
     cuda_arch: str | None = None,
     cpu_kernels: str = "int8",
+    kv_cache_dtype: str | None = None,
     system_lib_prefix: str | None = None,
     max_batch_size: int | None = None,
     prefill_chunk_size: int | None = None,
@@ -185,6 +215,7 @@ def compile_model(
     preset.check_can_compile()
     target = preset.make(host, cuda_arch, cpu)
     int8_isa = int8_isa_for(target, scheme, cpu_kernels)
+    kv_dtype = kv_cache_dtype_for(target, scheme, int8_isa, kv_cache_dtype)
     library = preset.output(output, host)  # before compiling: an unwritable -o fails fast
     prefix = check_system_lib_prefix(system_lib_prefix or default_system_lib_prefix(scheme))
     bounds = {
@@ -197,14 +228,14 @@ def compile_model(
             config.head_dim,
             config.num_key_value_heads,
             config.num_attention_heads,
-            scheme.model_dtype,
+            kv_dtype,
             target,
             preset.name,
         )
 
     with failures_logged_as_bugs(preset.name):
         executable, metadata, on_device = _build(
-            config, scheme, target, int8_isa, preset, library, prefix, bounds
+            config, scheme, target, int8_isa, kv_dtype, preset, library, prefix, bounds
         )
     _export(executable, output, preset, library)
     return CompileResult(
@@ -216,6 +247,7 @@ def compile_model(
         on_device,
         device_source(executable),
         describe_cpu_kernels(target, int8_isa),
+        kv_dtype,
     )
 
 
@@ -224,13 +256,14 @@ def _build(
     scheme: QuantScheme,
     target: tvm.target.Target,
     int8_isa: DotIsa | None,
+    kv_cache_dtype: str,
     preset: TargetPreset,
     library: LibraryOutput,
     prefix: str,
     bounds: dict[str, int],
 ) -> tuple[relax.VMExecutable, dict[str, Any], tuple[str, ...]]:
     """The TVM work: graph, pipeline, code generation; returns (executable, metadata, device functions)."""
-    mod, named_params = build_ir_module(config, scheme, target, int8_isa)
+    mod, named_params = build_ir_module(config, scheme, target, int8_isa, kv_cache_dtype)
     if library.system_lib:
         mod = mod.with_attr("system_lib_prefix", prefix)
     metadata = library_metadata(config, scheme, named_params, bounds["seq_len"], bounds["batch_size"])

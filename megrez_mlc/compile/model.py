@@ -56,7 +56,11 @@ class Embedding(Linear):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """With a `kv_cache_dtype` other than the activations', q/k/v are cast to it on their way into the cache
+    (whose attention kernels then work in that type) and the attention output back."""
+
+    def __init__(self, config: ModelConfig, kv_cache_dtype: str | None) -> None:
+        self.kv_cache_dtype = kv_cache_dtype  # not `dtype`: Module.to must leave it alone
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -67,8 +71,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, kv_cache: PagedKVCache, layer_id: int) -> Tensor:
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        cast = self.kv_cache_dtype not in (None, qkv.dtype)
+        if cast:
+            qkv = qkv.astype(self.kv_cache_dtype)
         # RoPE is applied inside the KV cache (RopeMode.NORMAL), by the kernel of rope_kernel.py.
         out = kv_cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+        if cast:
+            out = out.astype(x.dtype)
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
 
 
@@ -88,8 +97,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        self.self_attn = Attention(config)
+    def __init__(self, config: ModelConfig, kv_cache_dtype: str | None) -> None:
+        self.self_attn = Attention(config, kv_cache_dtype)
         self.mlp = MLP(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
@@ -100,9 +109,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kv_cache_dtype: str | None) -> None:
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, kv_cache_dtype) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
 
     def forward(self, x: Tensor, kv_cache: PagedKVCache) -> Tensor:
@@ -135,13 +146,16 @@ def _replace_kv_cache_kernels(config: ModelConfig, dtype: str, cpu: bool) -> Non
 
 class MegrezForCausalLM(nn.Module):
     """Functions and signatures of MLC-LLM's engine ABI: embed, prefill, decode, batch_prefill, batch_decode,
-    batch_verify (weights as one trailing tuple, float32 logits) and create_tir_paged_kv_cache."""
+    batch_verify (weights as one trailing tuple, float32 logits) and create_tir_paged_kv_cache.
 
-    def __init__(self, config: ModelConfig, target: Target) -> None:
+    The KV cache holds `kv_cache_dtype`, by default the activations' float type (as in MLC-LLM)."""
+
+    def __init__(self, config: ModelConfig, target: Target, kv_cache_dtype: str | None = None) -> None:
         self.config = config
         self.dtype = "float32"  # of the activations; quantize_model's `Module.to` sets the scheme's
+        self.kv_cache_dtype = kv_cache_dtype
         self.target = target
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, kv_cache_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
@@ -193,6 +207,7 @@ class MegrezForCausalLM(nn.Module):
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         c = self.config
+        dtype = self.kv_cache_dtype or self.dtype
         cache = TIRPagedKVCache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -215,10 +230,10 @@ class MegrezForCausalLM(nn.Module):
             rope_ext_factors=rx.prim_value(0),
             rotary_dim=c.head_dim,
             enable_disaggregation=False,
-            dtype=self.dtype,
+            dtype=dtype,
             target=self.target,
         )
-        _replace_kv_cache_kernels(c, self.dtype, cpu=compiling_for_cpu())
+        _replace_kv_cache_kernels(c, dtype, cpu=compiling_for_cpu())
         return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
