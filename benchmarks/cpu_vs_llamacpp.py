@@ -44,6 +44,7 @@ from megrez_mlc.runtime.threads import configure_threads  # noqa: E402
 OUR_QUANTIZATIONS = ("q4f32_1", "q4f16_1")
 LLAMA_QUANTIZATIONS = ("Q4_0", "Q4_K_M")
 REFERENCE = "llama.cpp Q4_K_M"
+OURS = tuple(f"megrez-mlc {q}" for q in OUR_QUANTIZATIONS)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Engine:
     reset: Callable[[], None]
 
 
-def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) -> Engine:
+def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int, build: bool = True) -> Engine:
     from megrez_mlc.compile.compiler import compile_model
     from megrez_mlc.quantize.convert import convert_weight
     from megrez_mlc.quantize.gen_config import gen_config
@@ -70,9 +71,11 @@ def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) ->
         print(f"converting to {quantization} ...", flush=True)
         convert_weight(hf_dir, model_dir, quantization, force=True)
         gen_config(hf_dir, model_dir, quantization, force=True)
-    # always compiled: a cached library would hide changes to the kernels
-    result = compile_model(model_dir, "cpu", lib)
-    print(f"compiled {lib.name} ({result.cpu_kernels} kernels) in {result.seconds:.1f} s", flush=True)
+    kernels = "(as compiled by the parent run)"
+    if build:  # always, but in a child: a cached library would hide changes to the kernels
+        result = compile_model(model_dir, "cpu", lib)
+        kernels = f"{result.cpu_kernels}, {result.kv_cache_dtype} KV cache"
+        print(f"compiled {lib.name} ({kernels}) in {result.seconds:.1f} s", flush=True)
     model = ModelLibrary(model_dir, lib, max_batch_size=1, max_total_seq_len=max_len)
     state = {"seq": model.add_sequence()}
 
@@ -82,8 +85,8 @@ def megrez_engine(cache: Path, hf_dir: Path, quantization: str, max_len: int) ->
 
     weight_bytes = sum(p.stat().st_size for p in model_dir.glob("params_shard_*.bin"))
     return Engine(
-        f"megrez-mlc {quantization}",
-        result.cpu_kernels,
+        OURS[OUR_QUANTIZATIONS.index(quantization)],
+        kernels,
         weight_bytes,
         lambda tokens: model.prefill([state["seq"]], [tokens]),
         lambda token: model.decode([state["seq"]], [token]),
@@ -200,6 +203,24 @@ def measure(engine: Engine, prompt: list[int], gen: list[int]) -> tuple[float, f
     return len(prompt) / (prefilled - start), len(gen) / (done - prefilled)
 
 
+def memory_of_this_process() -> tuple[float, float]:
+    """(peak, current) resident set in MiB, as the kernel counts them for this process since its exec."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return tuple(int(status[key].split()[0]) / 1024 for key in ("VmHWM", "VmRSS"))
+
+
+def memory_alone(args: argparse.Namespace, name: str) -> tuple[float, float]:
+    """(peak, after decoding) RSS of one engine in a fresh process that loads it, prefills the prompt and
+    decodes: resident memory of one process is the user's measure, and in this one all engines share it."""
+    child = [sys.executable, __file__, "--memory-of", name, "--cache-dir", str(args.cache_dir)]
+    child += ["--threads", str(args.threads)] if args.threads else []
+    child += ["--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len)]
+    child += ["--contexts", args.contexts]  # the KV cache's size
+    out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+    peak, current = json.loads(out.strip().splitlines()[-1])
+    return peak, current
+
+
 def machine() -> str:
     cpu = next(
         (
@@ -224,25 +245,35 @@ def main() -> None:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--contexts", default="2048,8192", help="decode after these contexts ('' to skip)")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch bf16 out")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the child of memory_alone
     args = parser.parse_args()
     threads = configure_threads(args.threads)
     cache = args.cache_dir
     cache.mkdir(parents=True, exist_ok=True)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     max_len = max([args.prompt_len, *contexts]) + args.gen_len + 16
-
     hf_dir = ensure_checkpoint(cache)
+    rng = np.random.default_rng(0)
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    prompt = rng.integers(0, vocab, args.prompt_len).tolist()
+    gen = rng.integers(0, vocab, args.gen_len).tolist()
+
+    if args.memory_of:
+        quantization = args.memory_of.split()[-1]
+        if args.memory_of.startswith("megrez-mlc"):
+            engine = megrez_engine(cache, hf_dir, quantization, max_len, build=False)
+        else:
+            engine = llama_engine(cache, hf_dir, quantization, threads, max_len)
+        measure(engine, prompt, gen)
+        print(json.dumps(memory_of_this_process()))
+        return
+
     build_note = ensure_llama_cpp(cache)
     engines = [megrez_engine(cache, hf_dir, q, max_len) for q in OUR_QUANTIZATIONS]
     engines += [llama_engine(cache, hf_dir, k, threads, max_len) for k in LLAMA_QUANTIZATIONS]
     if args.torch:
         engines.append(torch_engine(hf_dir, threads))
     gc.collect()
-
-    rng = np.random.default_rng(0)
-    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
-    prompt = rng.integers(0, vocab, args.prompt_len).tolist()
-    gen = rng.integers(0, vocab, args.gen_len).tolist()
     for engine in engines:  # warm-up: page the weights in, start the thread pools
         measure(engine, prompt[:16], gen[:4])
     results: dict[str, list[tuple[float, float]]] = {e.name: [] for e in engines}
@@ -279,6 +310,17 @@ def main() -> None:
             f"| {prefill / ref_prefill:.2f}x | {decode / ref_decode:.2f}x | {bound:.1f} |"
         )
 
+    print()
+    print(
+        f"resident memory, each engine alone in a fresh process (load, prefill {args.prompt_len}, decode "
+        f"{args.gen_len}; KV cache for {max_len} tokens):"
+    )
+    print("| engine | peak RSS (MiB) | RSS after decoding (MiB) | peak vs Q4_K_M |")
+    print("| --- | ---: | ---: | ---: |")
+    alone = {e.name: memory_alone(args, e.name) for e in engines if not e.name.startswith("PyTorch")}
+    for name, (peak, current) in alone.items():
+        print(f"| {name} | {peak:.0f} | {current:.0f} | {peak / alone[REFERENCE][0]:.2f}x |", flush=True)
+
     if contexts:
         print()
         print(f"decode tok/s after a long prompt ({min(args.gen_len, 32)} tokens generated):")
@@ -288,7 +330,7 @@ def main() -> None:
             + " | drop at longest |"
         )
         print("| --- |" + " ---: |" * (len(contexts) + 2))
-        long_context_engines = [engines[0], next(e for e in engines if e.name == REFERENCE)]
+        long_context_engines = [e for e in engines if e.name in (*OURS, REFERENCE)]
         for engine in long_context_engines:
             speeds = [medians[engine.name][1]]
             for context in contexts:

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import math
 
+import tvm
 from tvm.script import tirx as T
 
-from .ops import fast_exp2
+from .ops import fast_exp2, prefetch
 
 MAX_LANES = 16  # float32 lanes of one AVX-512 vector (LLVM splits it for narrower ISAs)
 LOG2_E = math.log2(math.e)
 KEY_BLOCK = 16  # keys per softmax step: one page of TVM's KV cache
 MASKED = -5e4  # scores are in log2 units; 2**(MASKED - max) underflows to zero, as in TVM's kernels
+PAGES_PER_STEP = 2  # decode: pages per online-softmax step (its max, exponentials and rescale per 32 keys)
+CACHE_LINE = 64  # bytes
+
+
+def add(a, b):
+    return a + b
 
 
 def fold_tree(combine, values: list):
@@ -37,6 +44,17 @@ def fold_tree(combine, values: list):
     return values[0]
 
 
+def lane_fold(combine, vector, lanes: int):
+    """combine(...) over a vector's lanes as a tree of halves (log2(lanes) vector steps, not lanes - 1
+    scalar ones)."""
+    while lanes > 1:
+        lanes //= 2
+        vector = combine(
+            T.Shuffle([vector], list(range(lanes))), T.Shuffle([vector], list(range(lanes, 2 * lanes)))
+        )
+    return vector
+
+
 def _block_max(buffer, *row):
     """Largest of buffer[*row, 0:KEY_BLOCK]."""
     return fold_tree(T.max, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
@@ -44,7 +62,43 @@ def _block_max(buffer, *row):
 
 def _block_sum(buffer, *row):
     """Sum of buffer[*row, 0:KEY_BLOCK]."""
-    return fold_tree(lambda a, b: a + b, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
+    return fold_tree(add, [buffer[(*row, j)] for j in range(KEY_BLOCK)])
+
+
+def _transposed_lane_sums(vectors: list):
+    """[sum of the lanes of vectors[row] for row in 0..15] as one vector, for 16 vectors of 16 lanes: each
+    step pairs two vectors and adds their halves, so rows never mix (15 adds for 16 rows, not 16 lane
+    reductions), all in registers."""
+    width = MAX_LANES  # lanes each row still spans
+    while len(vectors) > 1:
+        width //= 2
+        # of the 32 lanes of (a, b): each row's first `width` lanes, then its last `width` lanes
+        rows_lanes = [(r, lane) for r in range(2 * MAX_LANES // (2 * width)) for lane in range(width)]
+        first = [r * 2 * width + lane for r, lane in rows_lanes]
+        second = [r * 2 * width + width + lane for r, lane in rows_lanes]
+        vectors = [
+            T.Shuffle([a, b], first) + T.Shuffle([a, b], second) for a, b in zip(vectors[::2], vectors[1::2])
+        ]
+    return vectors[0]
+
+
+def _dot_lanes(q, g, keys, row, chunks: int):
+    """16 lane partial sums of q[g, :] . keys[row, :] (head_dim = 16 x chunks)."""
+    return fold_tree(
+        add,
+        [
+            q[g, T.ramp(c * MAX_LANES, 1, MAX_LANES)] * keys[row, T.ramp(c * MAX_LANES, 1, MAX_LANES)]
+            for c in range(chunks)
+        ],
+    )
+
+
+def _vector_fold(combine, buffer, g):
+    """combine(...) over buffer[g, :] (a multiple of 16 long): lane-wise over its vectors, then a tree over
+    the lanes."""
+    width = int(buffer.shape[1])
+    vector = fold_tree(combine, [buffer[g, T.ramp(i, 1, MAX_LANES)] for i in range(0, width, MAX_LANES)])
+    return lane_fold(combine, vector, MAX_LANES)
 
 
 def _exp2_clamped(x):
@@ -58,7 +112,10 @@ def paged_decode_attention_cpu(
     group = num_qo_heads // num_kv_heads
     lanes = next(n for n in (MAX_LANES, 8, 4, 2, 1) if head_dim % n == 0)
     chunks = head_dim // lanes
-    tree = lanes == MAX_LANES  # 16 partial sums fold 16 -> 8 -> 4 in vectors, the last 4 as scalars
+    tree = lanes == MAX_LANES  # 16 keys fold their lane sums together (_transposed_lane_sums)
+    step_keys = PAGES_PER_STEP * page_size
+    line_elements = CACHE_LINE * 8 // tvm.DataType(dtype).bits
+    lines = -(-page_size * head_dim // line_elements)  # of one page's keys (and as many of its values)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv_cpu(
@@ -111,60 +168,99 @@ def paged_decode_attention_cpu(
                 acc = T.sblock_alloc_buffer((group, head_dim), "float32")
                 running_max = T.sblock_alloc_buffer((group,), "float32")
                 running_sum = T.sblock_alloc_buffer((group,), "float32")
-                scores = T.sblock_alloc_buffer((group, page_size), "float32")
-                lane_sums = T.sblock_alloc_buffer((lanes,), "float32")
-                dot = T.sblock_alloc_buffer((1,), "float32")
+                page_nos = T.sblock_alloc_buffer((PAGES_PER_STEP,), "int32")
+                page_rows = T.sblock_alloc_buffer((PAGES_PER_STEP,), "int32")
+                keys = T.sblock_alloc_buffer((step_keys, head_dim), "float32")
+                value = T.sblock_alloc_buffer((head_dim,), "float32")
+                partial = T.sblock_alloc_buffer((lanes,), "float32")
+                scores = T.sblock_alloc_buffer((group, step_keys), "float32")
                 first_page: T.let[T.int32] = page_indptr[b]
                 num_pages: T.let[T.int32] = page_indptr[b + 1] - first_page
+                last: T.let[T.int32] = num_pages - 1
                 for g in T.serial(group):
                     # as in TVM's kernel: an empty sequence gives output 0 and lse -5e4
                     running_max[g] = T.float32(-5e4)
                     running_sum[g] = T.float32(1)
                     for d in T.vectorized(head_dim):
                         acc[g, d] = T.float32(0)
-                        q_f32[g, d] = T.Cast("float32", q[b, kv_head * group + g, d])
-                for page in T.serial(num_pages):
-                    page_no: T.let[T.int32] = page_values[first_page + page]
-                    rows: T.let[T.int32] = T.if_then_else(page == num_pages - 1, last_page_len[b], page_size)
-                    for g in T.serial(group):
-                        # this page's scores (log2 units); rows past the sequence's end stay masked
-                        for row in T.vectorized(page_size):
-                            scores[g, row] = T.float32(MASKED)
-                        for row in T.serial(rows):
-                            for lane in T.vectorized(lanes):
-                                lane_sums[lane] = T.float32(0)
-                            for c in T.unroll(chunks):
-                                for lane in T.vectorized(lanes):
-                                    lane_sums[lane] = lane_sums[lane] + q_f32[g, c * lanes + lane] * T.Cast(
-                                        "float32", pages[page_no, 0, kv_head, row, c * lanes + lane]
+                        # scores in log2 units: the scale folded into the query once
+                        q_f32[g, d] = T.Cast("float32", q[b, kv_head * group + g, d]) * (
+                            sm_scale * T.float32(LOG2_E)
+                        )
+                for step in T.serial((num_pages + PAGES_PER_STEP - 1) // PAGES_PER_STEP):
+                    for p in T.unroll(PAGES_PER_STEP):
+                        page: T.let[T.int32] = step * PAGES_PER_STEP + p
+                        # pages past the sequence's end: its last page again, with no rows
+                        page_nos[p] = page_values[first_page + T.min(page, last)]
+                        page_rows[p] = T.Select(
+                            page < last, page_size, T.Select(page == last, last_page_len[b], 0)
+                        )
+                        ahead: T.let[T.int32] = page_values[first_page + T.min(page + PAGES_PER_STEP, last)]
+                        for kv in T.unroll(2):
+                            for line in T.unroll(lines):
+                                T.evaluate(
+                                    prefetch(
+                                        T.address_of(
+                                            pages[
+                                                ahead,
+                                                kv,
+                                                kv_head,
+                                                line * line_elements // head_dim,
+                                                line * line_elements % head_dim,
+                                            ]
+                                        )
                                     )
-                            if tree:
-                                for half in T.vectorized(8):
-                                    lane_sums[half] = lane_sums[half] + lane_sums[half + 8]
-                                for half in T.vectorized(4):
-                                    lane_sums[half] = lane_sums[half] + lane_sums[half + 4]
-                                dot[0] = (lane_sums[0] + lane_sums[2]) + (lane_sums[1] + lane_sums[3])
-                            else:
-                                dot[0] = T.float32(0)
-                                for lane in T.unroll(lanes):
-                                    dot[0] = dot[0] + lane_sums[lane]
-                            scores[g, row] = dot[0] * sm_scale * T.float32(LOG2_E)
-                        # online softmax once per page, its 16 exponentials as one vector
-                        page_max: T.let[T.float32] = T.max(running_max[g], _block_max(scores, g))
-                        rescale: T.let[T.float32] = _exp2_clamped(running_max[g] - page_max)
-                        for row in T.vectorized(page_size):
-                            scores[g, row] = T.if_then_else(
-                                row < rows, _exp2_clamped(scores[g, row] - page_max), T.float32(0)
+                                )
+                        # the step's keys in float32 once for the group, all page_size rows of each page
+                        # (past the sequence's end they may be anything: masked below by a select)
+                        for row in T.serial(page_size):
+                            for d in T.vectorized(head_dim):
+                                keys[p * page_size + row, d] = T.Cast(
+                                    "float32", pages[page_nos[p], 0, kv_head, row, d]
+                                )
+                    for g in T.serial(group):
+                        if tree:  # 16 keys' partial-sum vectors at a time, folded in registers
+                            for p in T.unroll(step_keys // KEY_BLOCK):
+                                scores[g, T.ramp(p * KEY_BLOCK, 1, KEY_BLOCK)] = _transposed_lane_sums(
+                                    [
+                                        _dot_lanes(q_f32, g, keys, p * KEY_BLOCK + row, chunks)
+                                        for row in range(KEY_BLOCK)
+                                    ]
+                                )
+                        else:
+                            for j in T.serial(step_keys):
+                                for lane in T.vectorized(lanes):
+                                    partial[lane] = fold_tree(
+                                        add,
+                                        [
+                                            q_f32[g, c * lanes + lane] * keys[j, c * lanes + lane]
+                                            for c in range(chunks)
+                                        ],
+                                    )
+                                scores[g, j] = fold_tree(add, [partial[lane] for lane in range(lanes)])
+                        # the online softmax once per step, its exponentials as vectors (selects, not
+                        # if_then_else, which becomes a branch per key)
+                        for j in T.vectorized(step_keys):
+                            scores[g, j] = T.Select(
+                                j % page_size < page_rows[j // page_size], scores[g, j], T.float32(MASKED)
                             )
-                        running_max[g] = page_max
-                        running_sum[g] = running_sum[g] * rescale + _block_sum(scores, g)
+                        step_max: T.let[T.float32] = T.max(running_max[g], _vector_fold(T.max, scores, g))
+                        rescale: T.let[T.float32] = _exp2_clamped(running_max[g] - step_max)
+                        for j in T.vectorized(step_keys):
+                            scores[g, j] = _exp2_clamped(scores[g, j] - step_max)
+                        running_max[g] = step_max
+                        running_sum[g] = running_sum[g] * rescale + _vector_fold(add, scores, g)
                         for d in T.vectorized(head_dim):
                             acc[g, d] = acc[g, d] * rescale
-                        for row in T.serial(rows):
+                    # P.V: each value converted once for the group; only the sequence's rows (0 x a
+                    # non-finite value past its end would not be 0)
+                    for p in T.serial(PAGES_PER_STEP):
+                        for row in T.serial(page_rows[p]):
                             for d in T.vectorized(head_dim):
-                                acc[g, d] = acc[g, d] + scores[g, row] * T.Cast(
-                                    "float32", pages[page_no, 1, kv_head, row, d]
-                                )
+                                value[d] = T.Cast("float32", pages[page_nos[p], 1, kv_head, row, d])
+                            for g in T.serial(group):
+                                for d in T.vectorized(head_dim):
+                                    acc[g, d] = acc[g, d] + scores[g, p * page_size + row] * value[d]
                 for g in T.serial(group):
                     for d in T.vectorized(head_dim):
                         output[b, kv_head * group + g, d] = T.Cast(dtype, acc[g, d] / running_sum[g])

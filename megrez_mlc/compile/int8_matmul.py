@@ -33,7 +33,8 @@ from tvm.script import tirx as T
 from tvm.target import Target, codegen
 
 from ..artifacts.int4 import GROUP_SIZE, MAX_INT, NIBBLES_PER_WORD, padded_k
-from .cpu_attention import fold_tree
+from .cpu_attention import add, fold_tree, lane_fold
+from .ops import prefetch
 
 WORDS_PER_GROUP = GROUP_SIZE // NIBBLES_PER_WORD
 INT8_MAX = 127
@@ -99,19 +100,6 @@ def select_isa(target: Target) -> DotIsa | None:
 def _words_per_vector(isa: DotIsa, words: int) -> int:
     # the quantized layout pads K to whole groups, so 4 (one group, 128 bits) always divides
     return next(w for w in (isa.max_words, 8, 4) if w <= isa.max_words and words % w == 0)
-
-
-def _lane_sum(vector, lanes: int):
-    """The sum of a vector's lanes as a tree of halves (log2(lanes) vector adds, not lanes - 1 scalar)."""
-    while lanes > 1:
-        lanes //= 2
-        vector = T.Shuffle([vector], list(range(lanes))) + T.Shuffle([vector], list(range(lanes, 2 * lanes)))
-    return vector
-
-
-def prefetch(address):
-    """A read prefetch into all cache levels (the hardware prefetchers alone left decode latency-bound)."""
-    return T.call_llvm_intrin("void", "llvm.prefetch.p0", address, T.int32(0), T.int32(3), T.int32(1))
 
 
 def _words(in_features: int) -> int:
@@ -224,7 +212,7 @@ def int8_gemv_kernel(
                             f"float32x{vec}", dot
                         ) * (token_scale * per_word(q_scale, step * rows + r, v))
                 for r in T.unroll(rows):
-                    y[0, step * rows + r] = T.Cast(out_dtype, _lane_sum(acc[r, T.ramp(0, 1, vec)], vec))
+                    y[0, step * rows + r] = T.Cast(out_dtype, lane_fold(add, acc[r, T.ramp(0, 1, vec)], vec))
 
     return int8_gemv.without_attr("global_symbol")  # one per weight shape: the module names them
 

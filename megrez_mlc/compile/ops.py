@@ -142,6 +142,13 @@ _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
 LOG2_E = math.log2(math.e)
 
 
+def prefetch(address: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A read prefetch into all cache levels, for CPU kernels that stream memory: the hardware prefetchers
+    alone left them latency-bound (~4 GB/s on one core), as they stop at every 4 KiB page."""
+    one, zero, all_levels = (tirx.const(v, "int32") for v in (1, 0, 3))
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, zero, all_levels, one)
+
+
 def fast_exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """2**x in float32 for x in [-126, 127]: round to the nearest integer n, a polynomial in the rest, and
     2**n built from the exponent bits. Unlike a call into libm's exp2f it vectorizes, which is what CPU
