@@ -5,10 +5,14 @@ separately (so each K/V row is read `group_size` times) with scalar arithmetic o
 context it cost more than all the weight GEMVs of a decode step. This kernel has the same signature and
 results, but:
   - runs the (sequence, KV head) pairs in parallel;
-  - serves all query heads of a GQA group from one pass over the group's K and V pages;
-  - works a page (16 positions) at a time with an online softmax, so the accumulators are rescaled once
-    per page instead of once per position;
-  - vectorizes the head dimension (Q.K by 16-lane partial sums, P.V by 16-lane FMAs).
+  - serves all query heads of a GQA group from one pass over the group's K and V pages, each key and
+    value converted to float32 once (a float16 cache halves what a long context reads);
+  - works PAGES_PER_STEP pages (32 positions) at a time with an online softmax, so the accumulators are
+    rescaled once per step instead of once per position;
+  - vectorizes the head dimension: Q.K by 16-lane partial sums whose lanes 16 keys fold together in
+    registers, P.V by 16-lane FMAs;
+  - prefetches the pages of the next step (the hardware prefetchers stop at each 4 KiB page, and the
+    cache's pages are scattered).
 It supports what megrez-mlc's KV cache uses: RoPE applied before the cache (RopeMode.NORMAL, so the
 kernel's `rotary_mode` is 0) and no sliding window (TVM's own kernel still serves the sliding-window slot).
 """
