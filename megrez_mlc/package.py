@@ -36,7 +36,6 @@ from typing import Any
 
 from .artifacts.chat_config import ChatConfig, read_chat_config
 from .artifacts.files import INDEX_FILE
-from .artifacts.schemes import get_scheme
 from .artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
 from .compile.compiler import CompileResult, check_system_lib_prefix, compile_model, default_model_lib
 from .config import ModelConfig
@@ -91,7 +90,7 @@ def kv_cache_bytes(config: ModelConfig, dtype_bytes: int, context_window_size: i
 def estimate_vram_bytes(model_dir: Path, chat_config: ChatConfig, library: CompileResult) -> int:
     """Weights + KV cache for the library's context window + the largest function workspace."""
     params = sum(rec.nbytes for rec in tensor_records(read_index(model_dir)).values())
-    dtype_bytes = 2 if get_scheme(chat_config.quantization).model_dtype == "float16" else 4
+    dtype_bytes = 2 if library.kv_cache_dtype == "float16" else 4
     kv_cache = kv_cache_bytes(chat_config.model_config, dtype_bytes, library.metadata["context_window_size"])
     return params + kv_cache + max(library.metadata["memory_usage"].values())
 
