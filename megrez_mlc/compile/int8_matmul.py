@@ -106,6 +106,12 @@ def _words(in_features: int) -> int:
     return padded_k(in_features) // NIBBLES_PER_WORD
 
 
+def lanes(kind: str, count: int):
+    """The TVMScript type of a vector, for `T.let` bindings (a plain assignment in a kernel allocates a
+    buffer, whose stores then stay in the loop)."""
+    return getattr(T, f"{kind}x{count}")
+
+
 def _quantize_activations(in_features: int, tile: int, parallel: bool):
     """A macro: x [m, K] -> x_even, x_odd (x_q + 128 as bytes, inputs 2b and 2b+1 of each span at byte b)
     and x_scale (d per group), for m rounded up to whole tiles (the extra rows quantize to zero)."""
@@ -195,19 +201,25 @@ def int8_gemv_kernel(
                 for r in T.unroll(rows):
                     acc[r, T.ramp(0, 1, vec)] = T.broadcast(T.float32(0), vec)
                 for v in T.serial(words // vec):
-                    token_scale = per_word(x_scale, 0, v)
+                    token_scale: T.let[lanes("float32", vec)] = per_word(x_scale, 0, v)
+                    x_lo: T.let[lanes("uint8", 4 * vec)] = x_even[0, T.ramp(v * vec_bytes, 1, vec_bytes)]
+                    x_hi: T.let[lanes("uint8", 4 * vec)] = x_odd[0, T.ramp(v * vec_bytes, 1, vec_bytes)]
                     for r in T.unroll(rows):
-                        ahead = T.min(step * rows + r + PREFETCH_ROWS, out_features - 1)
+                        ahead: T.let[T.int32] = T.min(step * rows + r + PREFETCH_ROWS, out_features - 1)
                         T.evaluate(prefetch(T.address_of(q_weight[ahead, v * vec])))
                         T.evaluate(prefetch(T.address_of(q_scale[ahead, v * vec_groups])))
-                        packed = q_weight[step * rows + r, T.ramp(v * vec, 1, vec)]
-                        low = signed_nibbles(packed & mask)
-                        high = signed_nibbles((packed >> T.broadcast(T.uint32(4), vec)) & mask)
+                        packed: T.let[lanes("uint32", vec)] = q_weight[
+                            step * rows + r, T.ramp(v * vec, 1, vec)
+                        ]
+                        low: T.let[lanes("int8", 4 * vec)] = signed_nibbles(packed & mask)
+                        high: T.let[lanes("int8", 4 * vec)] = signed_nibbles(
+                            (packed >> T.broadcast(T.uint32(4), vec)) & mask
+                        )
                         # minus 128 * (sum of the word's weights): the activations' bias taken back out
-                        correction = zero - isa.dot(vec, zero, bias, low, bias, high)
-                        x_lo = x_even[0, T.ramp(v * vec_bytes, 1, vec_bytes)]
-                        x_hi = x_odd[0, T.ramp(v * vec_bytes, 1, vec_bytes)]
-                        dot = isa.dot(vec, correction, x_lo, low, x_hi, high)
+                        correction: T.let[lanes("int32", vec)] = zero - isa.dot(
+                            vec, zero, bias, low, bias, high
+                        )
+                        dot: T.let[lanes("int32", vec)] = isa.dot(vec, correction, x_lo, low, x_hi, high)
                         acc[r, T.ramp(0, 1, vec)] = acc[r, T.ramp(0, 1, vec)] + T.Cast(
                             f"float32x{vec}", dot
                         ) * (token_scale * per_word(q_scale, step * rows + r, v))
@@ -270,22 +282,26 @@ def int8_gemm_kernel(
             with T.sblock("dot"):
                 T.reads()
                 T.writes()
-                words_t = T.sblock_alloc_buffer((words, vec), "uint32")
+                transposed = T.sblock_alloc_buffer((words, vec), "uint32")
                 scales_t = T.sblock_alloc_buffer((groups, vec), "float32")
                 correction = T.sblock_alloc_buffer((groups, vec), "int32")
                 int_acc = T.sblock_alloc_buffer((tile, vec), "int32")
                 acc = T.sblock_alloc_buffer((tile, vec), "float32")
                 # the block's rows transposed (a row past N repeats the last; it is never stored)
                 for w, r in T.grid(words, vec):
-                    words_t[w, r] = q_weight[T.min(block * vec + r, out_features - 1), w]
+                    transposed[w, r] = q_weight[T.min(block * vec + r, out_features - 1), w]
                 for g, r in T.grid(groups, vec):
                     scales_t[g, r] = T.Cast("float32", q_scale[T.min(block * vec + r, out_features - 1), g])
                 for g in T.serial(groups):
                     correction[g, T.ramp(0, 1, vec)] = zero
                     for wi in T.unroll(WORDS_PER_GROUP):
-                        packed = words_t[g * WORDS_PER_GROUP + wi, T.ramp(0, 1, vec)]
-                        low = signed_nibbles(packed & mask)
-                        high = signed_nibbles((packed >> T.broadcast(T.uint32(4), vec)) & mask)
+                        packed: T.let[lanes("uint32", vec)] = transposed[
+                            g * WORDS_PER_GROUP + wi, T.ramp(0, 1, vec)
+                        ]
+                        low: T.let[lanes("int8", 4 * vec)] = signed_nibbles(packed & mask)
+                        high: T.let[lanes("int8", 4 * vec)] = signed_nibbles(
+                            (packed >> T.broadcast(T.uint32(4), vec)) & mask
+                        )
                         correction[g, T.ramp(0, 1, vec)] = correction[g, T.ramp(0, 1, vec)] - isa.dot(
                             vec, zero, bias, low, bias, high
                         )
@@ -296,12 +312,16 @@ def int8_gemm_kernel(
                         for t in T.unroll(tile):
                             int_acc[t, T.ramp(0, 1, vec)] = correction[g, T.ramp(0, 1, vec)]
                         for wi in T.unroll(WORDS_PER_GROUP):
-                            packed = words_t[g * WORDS_PER_GROUP + wi, T.ramp(0, 1, vec)]
-                            low = signed_nibbles(packed & mask)
-                            high = signed_nibbles((packed >> T.broadcast(T.uint32(4), vec)) & mask)
+                            packed: T.let[lanes("uint32", vec)] = transposed[
+                                g * WORDS_PER_GROUP + wi, T.ramp(0, 1, vec)
+                            ]
+                            low: T.let[lanes("int8", 4 * vec)] = signed_nibbles(packed & mask)
+                            high: T.let[lanes("int8", 4 * vec)] = signed_nibbles(
+                                (packed >> T.broadcast(T.uint32(4), vec)) & mask
+                            )
                             for t in T.unroll(tile):
-                                token = token_tile * tile + t
-                                w = g * WORDS_PER_GROUP + wi
+                                token: T.let[T.int64] = token_tile * tile + t
+                                w: T.let[T.int32] = g * WORDS_PER_GROUP + wi
                                 int_acc[t, T.ramp(0, 1, vec)] = isa.dot(
                                     vec,
                                     int_acc[t, T.ramp(0, 1, vec)],
