@@ -128,6 +128,15 @@ def converted_model(hf_dir: Path, quantization: str) -> Path:
     return out
 
 
+def _compiler_digest() -> str:
+    """A hash of the compiler's own source: a checkout whose kernels changed, at the same version, must not
+    reuse a library compiled before."""
+    digest = hashlib.sha256()
+    for source in sorted((Path(__file__).parent / "compile").glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
 def compiled_library(model_dir: Path, device: str) -> Path:
     """The model library for a converted folder on a device, compiled into the cache once."""
     import tvm
@@ -148,6 +157,7 @@ def compiled_library(model_dir: Path, device: str) -> Path:
             "chat_config": hashlib.sha256(chat_config).hexdigest(),
             "target": str(preset.make(None)),
             "megrez_mlc": __version__,
+            "compiler": _compiler_digest(),
             "tvm": tvm.__version__,
         }
     )

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pexpect
 import pytest
@@ -84,6 +85,25 @@ def test_raw_checkpoint_is_built_once_into_the_home(
     assert prepare_model(str(prepared.model_dir / "mlc-chat-config.json")) == prepared
     with pytest.raises(MegrezError, match="already converted to q4f32_1"):
         prepare_model(str(prepared.model_dir), quantization="q0f32")
+
+
+def test_a_changed_compiler_compiles_the_library_again(
+    tiny_hf: Path, chat_home: Path, prepared: PreparedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached library's key holds a hash of the compiler's source: a checkout whose kernels changed, at
+    the same version, does not run a library compiled before."""
+    compiled: list[Path] = []
+
+    def record(model: Path, target: str, lib: Path, **options: object) -> SimpleNamespace:
+        compiled.append(lib)
+        return SimpleNamespace(seconds=0.0)
+
+    monkeypatch.setenv("MEGREZ_MLC_HOME", str(chat_home))
+    monkeypatch.setattr("megrez_mlc.model_source._compiler_digest", lambda: "another compiler")
+    monkeypatch.setattr("megrez_mlc.compile.compiler.compile_model", record)
+    again = prepare_model(str(tiny_hf))
+    assert compiled == [again.model_lib] and again.model_lib != prepared.model_lib
+    assert again.model_dir == prepared.model_dir  # the weights are not converted again
 
 
 def test_cache_key_follows_checkpoint_and_quantization(

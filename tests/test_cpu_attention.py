@@ -35,7 +35,9 @@ def reference(q: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray], s
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize(("kv_heads", "heads", "head_dim"), [(10, 40, 64), (2, 14, 18), (3, 3, 80), (1, 5, 40)])
+@pytest.mark.parametrize(
+    ("kv_heads", "heads", "head_dim"), [(10, 40, 64), (2, 14, 18), (3, 3, 80), (1, 5, 40)]
+)
 def test_decode_attention_matches_numpy(dtype: str, kv_heads: int, heads: int, head_dim: int) -> None:
     rng = np.random.default_rng(head_dim)
     lengths = [37, 1, 16, 200]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from megrez_mlc.artifacts.schemes import get_scheme
 from megrez_mlc.runtime import Engine, SamplingParams
 from megrez_mlc.runtime.model_lib import ModelLibrary
 
@@ -53,8 +54,8 @@ def smollm2_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_built(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("real-built")
     # 512 positions are plenty for these prompts and keep the KV cache small (the model allows 8192)
-    return lambda quantization, cpu_kernels="exact": build(
-        smollm2_hf, quantization, root, cpu_kernels, context_window_size=512
+    return lambda quantization, cpu_kernels="exact", kv_cache_dtype=None: build(
+        smollm2_hf, quantization, root, cpu_kernels, kv_cache_dtype, context_window_size=512
     )
 
 
@@ -149,20 +150,49 @@ def perplexity(model, token_ids: list[int]) -> float:
     return float(np.exp(np.mean(nll)))
 
 
+def greedy_ids_kept(expected: list[int], model, prompt_ids: list[int]) -> int:
+    """How many of `expected` (greedy ids after the prompt) `model` picks too, each after the same prefix:
+    one flipped near-tie does not also count against every token after it."""
+    lib = ModelLibrary(model.model_dir, model.lib)
+    seq = lib.add_sequence()
+    logits = lib.prefill([seq], [prompt_ids])[0]
+    kept = 0
+    for token in expected:
+        kept += int(np.argmax(logits)) == token
+        logits = lib.decode([seq], [token])[0]
+    return kept
+
+
 @pytest.mark.parametrize("quantization", ["q4f32_1", "q4f16_1"])
 def test_int8_kernels_keep_the_trained_models_answers(smollm2_built, quantization: str) -> None:
-    """The int8 CPU kernels (compile's default) against the exact ones on the trained model: greedy ids agree
-    for at least 30 of the first 32 tokens of each prompt, and perplexity over ~300 tokens of prose differs
-    by less than 1%."""
-    exact, int8 = smollm2_built(quantization), smollm2_built(quantization, "int8")
-    engines = Engine(exact.model_dir, exact.lib), Engine(int8.model_dir, int8.lib)
+    """The int8 CPU kernels against the exact ones on the trained model, both with the exact library's KV
+    cache type: of the exact library's first 32 greedy ids after each prompt, the int8 library picks at
+    least 30 after the same prefix, and perplexity over ~300 tokens of prose differs by less than 1%.
+    (Measured: 31 of 32 on the first prompt for q4f32_1, whose 4th token is a near-tie, 0.34 apart in the
+    exact logits, that the int8 rounding turns; 32 elsewhere; perplexity +0.42% for q4f32_1.)"""
+    same_cache = None if get_scheme(quantization).model_dtype == "float16" else "float32"
+    exact, int8 = smollm2_built(quantization), smollm2_built(quantization, "int8", same_cache)
+    engine = Engine(exact.model_dir, exact.lib)
     for prompt in PROMPTS:
-        ours_exact, ours_int8 = (engine.generate(prompt, GREEDY_32).token_ids for engine in engines)
-        same = sum(a == b for a, b in zip(ours_exact, ours_int8))
-        assert same >= 30, (prompt, ours_exact, ours_int8)
-    tokens = engines[0].tokenizer.encode(PERPLEXITY_TEXT)
+        prompt_ids = engine.tokenizer.encode(prompt)
+        expected = engine.generate(prompt_ids, GREEDY_32).token_ids
+        assert greedy_ids_kept(expected, int8, prompt_ids) >= 30, (prompt, expected)
+    tokens = engine.tokenizer.encode(PERPLEXITY_TEXT)
     assert 250 <= len(tokens) <= 400
     exact_ppl, int8_ppl = perplexity(exact, tokens), perplexity(int8, tokens)
     # measured 39 for q4f32_1 (a 135M model, no BOS); a uniform guess over the vocabulary would be 49,152
     assert exact_ppl < 100
     assert abs(int8_ppl / exact_ppl - 1) < 0.01, (exact_ppl, int8_ppl)
+
+
+def test_the_cpu_defaults_keep_the_trained_models_perplexity(smollm2_built) -> None:
+    """q4f32_1 as `compile` builds it for a CPU by default (int8 kernels, float16 KV cache) against the exact
+    kernels with the model's float32 cache: perplexity over the same prose within 1.5% (measured +1.0%:
+    +0.42% from the kernels alone, and a float16 cache under the exact kernels, also checked here, moves it
+    by 0.004%)."""
+    exact, exact_float16_cache = smollm2_built("q4f32_1"), smollm2_built("q4f32_1", "exact", "float16")
+    default = smollm2_built("q4f32_1", "int8")
+    tokens = Engine(exact.model_dir, exact.lib).tokenizer.encode(PERPLEXITY_TEXT)
+    exact_ppl = perplexity(exact, tokens)
+    assert abs(perplexity(exact_float16_cache, tokens) / exact_ppl - 1) < 1e-3
+    assert abs(perplexity(default, tokens) / exact_ppl - 1) < 0.015

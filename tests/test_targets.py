@@ -24,6 +24,8 @@ from tvm.relax.frontend.nn.llm import _decode_kernels, _prefill_kernels
 from megrez_mlc.compile import targets
 from megrez_mlc.compile.compiler import CompileResult, compile_model
 from megrez_mlc.compile.gpu import functions_left_on_host, unsupported_head_dim_reason
+from megrez_mlc.compile.int8_matmul import select_isa
+from megrez_mlc.compile.targets import host_llvm_target
 from megrez_mlc.errors import MegrezError
 from megrez_mlc.quantize.gen_config import gen_config
 from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
@@ -229,6 +231,17 @@ def test_wgsl_source_has_a_kernel_per_device_function(compiled) -> None:
 
 
 # --- hosts, output kinds ------------------------------------------------------------------------------------
+
+
+def test_a_cpu_system_library_with_the_int8_kernels(gpu_model, tmp_path: Path) -> None:
+    """A .tar for this CPU: its int8 and decode-attention kernels are built without their prefetches,
+    which TVM 0.27's AttachGlobalSymbol cannot rename in a system library (it failed to compile before)."""
+    output = tmp_path / "lib.tar"
+    result = compile_model(gpu_model("q4f32_1"), "cpu", output)
+    isa = select_isa(host_llvm_target())
+    assert result.cpu_kernels == (f"int8 ({isa.name})" if isa else "exact")
+    assert result.system_lib_prefix == "llama_q4f32_1_"
+    assert any(b"llama_q4f32_1___tvm_ffi__library_bin" in b for b in tar_members(output).values())
 
 
 def test_host_override_gives_objects_for_that_machine(gpu_model, tmp_path: Path) -> None:

@@ -131,8 +131,14 @@ def build_ir_module(
     target: tvm.target.Target,
     int8_isa: DotIsa | None = None,
     kv_cache_dtype: str | None = None,
+    prefetch: bool = True,
 ) -> tuple[tvm.IRModule, list[tuple[str, Any]]]:
-    model = quantize_model(MegrezForCausalLM(config, target, kv_cache_dtype), scheme, int8_isa)
+    """The graph and its parameters. `prefetch`: the CPU kernels may prefetch (not in a system library:
+    TVM 0.27's AttachGlobalSymbol, which renames every function there, cannot rewrite the pointers a
+    prefetch takes)."""
+    model = quantize_model(
+        MegrezForCausalLM(config, target, kv_cache_dtype, prefetch), scheme, int8_isa, prefetch
+    )
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     check_params_match_weights(named_params, config, scheme)
     return mod, named_params
@@ -263,7 +269,9 @@ def _build(
     bounds: dict[str, int],
 ) -> tuple[relax.VMExecutable, dict[str, Any], tuple[str, ...]]:
     """The TVM work: graph, pipeline, code generation; returns (executable, metadata, device functions)."""
-    mod, named_params = build_ir_module(config, scheme, target, int8_isa, kv_cache_dtype)
+    mod, named_params = build_ir_module(
+        config, scheme, target, int8_isa, kv_cache_dtype, prefetch=not library.system_lib
+    )
     if library.system_lib:
         mod = mod.with_attr("system_lib_prefix", prefix)
     metadata = library_metadata(config, scheme, named_params, bounds["seq_len"], bounds["batch_size"])

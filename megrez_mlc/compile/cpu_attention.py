@@ -110,7 +110,12 @@ def _exp2_clamped(x):
 
 
 def paged_decode_attention_cpu(
-    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16
+    num_kv_heads: int,
+    num_qo_heads: int,
+    head_dim: int,
+    dtype: str,
+    page_size: int = 16,
+    prefetch_pages: bool = True,
 ):
     """TIR function with the signature of TVM's `batch_decode_paged_kv_cpu` (no sliding window)."""
     group = num_qo_heads // num_kv_heads
@@ -200,21 +205,19 @@ def paged_decode_attention_cpu(
                             page < last, page_size, T.Select(page == last, last_page_len[b], 0)
                         )
                         ahead: T.let[T.int32] = page_values[first_page + T.min(page + PAGES_PER_STEP, last)]
-                        for kv in T.unroll(2):
-                            for line in T.unroll(lines):
-                                T.evaluate(
-                                    prefetch(
-                                        T.address_of(
-                                            pages[
-                                                ahead,
-                                                kv,
-                                                kv_head,
-                                                line * line_elements // head_dim,
-                                                line * line_elements % head_dim,
-                                            ]
+                        if prefetch_pages:
+                            for kv in T.unroll(2):
+                                for line in T.unroll(lines):
+                                    T.evaluate(
+                                        prefetch(
+                                            pages,
+                                            ahead,
+                                            kv,
+                                            kv_head,
+                                            line * line_elements // head_dim,
+                                            line * line_elements % head_dim,
                                         )
                                     )
-                                )
                         # the step's keys in float32 once for the group, all page_size rows of each page
                         # (past the sequence's end they may be anything: masked below by a select)
                         for row in T.serial(page_size):

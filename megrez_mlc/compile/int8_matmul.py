@@ -152,7 +152,13 @@ def _quantize_activations(in_features: int, tile: int, parallel: bool):
 # one per (ISA, shape, types): parsing TVMScript is most of a compile's time, and a layer repeats its shapes
 @functools.cache
 def int8_gemv_kernel(
-    isa: DotIsa, out_features: int, in_features: int, x_dtype: str, scale_dtype: str, out_dtype: str
+    isa: DotIsa,
+    out_features: int,
+    in_features: int,
+    x_dtype: str,
+    scale_dtype: str,
+    out_dtype: str,
+    prefetch_rows: bool = True,
 ) -> tvm.tirx.PrimFunc:
     """y [1, N] = x [1, K] @ dequantize(q_weight [N, K/8], q_scale [N, K/32])^T: one decode token.
 
@@ -206,8 +212,9 @@ def int8_gemv_kernel(
                     x_hi: T.let[lanes("uint8", 4 * vec)] = x_odd[0, T.ramp(v * vec_bytes, 1, vec_bytes)]
                     for r in T.unroll(rows):
                         ahead: T.let[T.int32] = T.min(step * rows + r + PREFETCH_ROWS, out_features - 1)
-                        T.evaluate(prefetch(T.address_of(q_weight[ahead, v * vec])))
-                        T.evaluate(prefetch(T.address_of(q_scale[ahead, v * vec_groups])))
+                        if prefetch_rows:
+                            T.evaluate(prefetch(q_weight, ahead, v * vec))
+                            T.evaluate(prefetch(q_scale, ahead, v * vec_groups))
                         packed: T.let[lanes("uint32", vec)] = q_weight[
                             step * rows + r, T.ramp(v * vec, 1, vec)
                         ]

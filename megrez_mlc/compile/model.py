@@ -122,21 +122,24 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-# TVM's CPU attention kernels (serial reference loops) and the faster ones with their signatures.
-FAST_CPU_ATTENTION = {
-    "batch_decode_paged_kv_cpu": cpu_attention.paged_decode_attention_cpu,
+# TVM's CPU prefill attention kernels (serial reference loops) and the faster ones with their signatures
+# (the decode one, which also takes whether to prefetch, is swapped in by _replace_kv_cache_kernels).
+FAST_CPU_PREFILL_ATTENTION = {
     "batch_prefill_ragged_kv": cpu_attention.ragged_prefill_attention_cpu,
     "batch_prefill_paged_kv_cpu": cpu_attention.paged_prefill_attention_cpu,
 }
 
 
-def _replace_kv_cache_kernels(config: ModelConfig, dtype: str, cpu: bool) -> None:
+def _replace_kv_cache_kernels(config: ModelConfig, dtype: str, cpu: bool, prefetch: bool) -> None:
     """Swap kernels of the KV cache being built for ours: the RoPE kernel (rope_kernel.py) on every target,
-    and on CPUs TVM's attention kernels (cpu_attention.py)."""
+    and on CPUs TVM's attention kernels (cpu_attention.py; the decode one prefetches with `prefetch`)."""
     replacements = {"fused_rope": split_rotary(config, dtype)}
     if cpu:
         heads = (config.num_key_value_heads, config.num_attention_heads, config.head_dim, dtype)
-        replacements |= {symbol: factory(*heads) for symbol, factory in FAST_CPU_ATTENTION.items()}
+        replacements |= {symbol: factory(*heads) for symbol, factory in FAST_CPU_PREFILL_ATTENTION.items()}
+        replacements["batch_decode_paged_kv_cpu"] = cpu_attention.paged_decode_attention_cpu(
+            *heads, prefetch_pages=prefetch
+        )
     bb = rx.BlockBuilder.current()
     for gvar, func in bb.get().functions_items():
         replacement = replacements.get(func.attrs.get("global_symbol") if func.attrs else None)
@@ -150,8 +153,11 @@ class MegrezForCausalLM(nn.Module):
 
     The KV cache holds `kv_cache_dtype`, by default the activations' float type (as in MLC-LLM)."""
 
-    def __init__(self, config: ModelConfig, target: Target, kv_cache_dtype: str | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, target: Target, kv_cache_dtype: str | None = None, prefetch: bool = True
+    ) -> None:
         self.config = config
+        self.prefetch = prefetch
         self.dtype = "float32"  # of the activations; quantize_model's `Module.to` sets the scheme's
         self.kv_cache_dtype = kv_cache_dtype
         self.target = target
@@ -233,7 +239,7 @@ class MegrezForCausalLM(nn.Module):
             dtype=dtype,
             target=self.target,
         )
-        _replace_kv_cache_kernels(c, dtype, cpu=compiling_for_cpu())
+        _replace_kv_cache_kernels(c, dtype, cpu=compiling_for_cpu(), prefetch=self.prefetch)
         return cache
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

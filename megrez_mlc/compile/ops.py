@@ -142,11 +142,14 @@ _EXP2_TAYLOR = [math.log(2) ** k / math.factorial(k) for k in range(7)]
 LOG2_E = math.log2(math.e)
 
 
-def prefetch(address: tirx.PrimExpr) -> tirx.PrimExpr:
-    """A read prefetch into all cache levels, for CPU kernels that stream memory: the hardware prefetchers
-    alone left them latency-bound (~4 GB/s on one core), as they stop at every 4 KiB page."""
-    one, zero, all_levels = (tirx.const(v, "int32") for v in (1, 0, 3))
-    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, zero, all_levels, one)
+def prefetch(buffer: tirx.Buffer, *indices: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A read prefetch of buffer[indices] into all cache levels, for CPU kernels that stream memory: the
+    hardware prefetchers alone left them latency-bound (~4 GB/s on one core), as they stop at every 4 KiB
+    page. TVM 0.27's AttachGlobalSymbol cannot rewrite the pointer it takes when it renames a system
+    library's functions: kernels built for one leave their prefetches out (compiler.build_ir_module)."""
+    address = tirx.address_of(tirx.BufferLoad(buffer, list(indices)))
+    read, all_levels, data = (tirx.const(v, "int32") for v in (0, 3, 1))
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, read, all_levels, data)
 
 
 def fast_exp2(x: tirx.PrimExpr) -> tirx.PrimExpr:

@@ -34,7 +34,9 @@ class QuantizedLinear(nn.Module):
     (ops.dequantize_gemv_cpu) instead of a one-row GEMM.
     """
 
-    def __init__(self, linear: Linear, scheme: QuantScheme, int8_isa: DotIsa | None = None) -> None:
+    def __init__(
+        self, linear: Linear, scheme: QuantScheme, int8_isa: DotIsa | None = None, prefetch: bool = True
+    ) -> None:
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.dtype = scheme.model_dtype
@@ -43,6 +45,7 @@ class QuantizedLinear(nn.Module):
         self.q_scale = nn.Parameter(q_scale_shape, scheme.scale_dtype)
         self.bias = linear.bias
         self.int8_isa = int8_isa
+        self.prefetch = prefetch  # whether the int8 GEMV may prefetch (compiler.build_ir_module)
 
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         y = self._matmul(x, out_dtype or self.dtype)
@@ -68,10 +71,8 @@ class QuantizedLinear(nn.Module):
         """x [..., K] as [M, K] rows through the int8 GEMV (one token) or GEMM, then back to x's shape."""
         *lead, _ = x.shape
         single = _is_single_token(x)
-        kernel = int8_gemv_kernel if single else int8_gemm_kernel
-        func = kernel(
-            self.int8_isa, self.out_features, self.in_features, x.dtype, self.q_scale.dtype, out_dtype
-        )
+        shape = (self.int8_isa, self.out_features, self.in_features, x.dtype, self.q_scale.dtype, out_dtype)
+        func = int8_gemv_kernel(*shape, self.prefetch) if single else int8_gemm_kernel(*shape)
         rows = op.reshape(x, [1 if single else -1, self.in_features])
         out = Tensor.placeholder([rows.shape[0], self.out_features], out_dtype)
         args = [rows, self.q_weight, self.q_scale]
@@ -93,22 +94,25 @@ class QuantizedEmbedding(QuantizedLinear):
 class GroupQuantizer(nn.Mutator):
     """Replaces every Linear and Embedding of a module tree by its int4 form."""
 
-    def __init__(self, scheme: QuantScheme, int8_isa: DotIsa | None) -> None:
+    def __init__(self, scheme: QuantScheme, int8_isa: DotIsa | None, prefetch: bool) -> None:
         self.scheme = scheme
         self.int8_isa = int8_isa
+        self.prefetch = prefetch
 
     def visit_module(self, name: str, node: nn.Module) -> nn.Module:
         if isinstance(node, Embedding):  # first: an Embedding is also a Linear
-            return QuantizedEmbedding(node, self.scheme, self.int8_isa)
+            return QuantizedEmbedding(node, self.scheme, self.int8_isa, self.prefetch)
         if isinstance(node, Linear):
-            return QuantizedLinear(node, self.scheme, self.int8_isa)
+            return QuantizedLinear(node, self.scheme, self.int8_isa, self.prefetch)
         return self.visit(name, node)
 
 
-def quantize_model(model: nn.Module, scheme: QuantScheme, int8_isa: DotIsa | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, scheme: QuantScheme, int8_isa: DotIsa | None = None, prefetch: bool = True
+) -> nn.Module:
     """`model`, built of float layers, in the scheme's float type and, under q4 schemes, its layers int4
     (multiplied through int8 dot products with `int8_isa`)."""
     model.to(scheme.model_dtype)  # before the swap: `to` would convert the uint32 words too
     if scheme.quantized:
-        model = GroupQuantizer(scheme, int8_isa).visit("", model)
+        model = GroupQuantizer(scheme, int8_isa, prefetch).visit("", model)
     return model
