@@ -130,10 +130,10 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: Path, lib: Path, port: int, args: argparse.Namespace, log: Path
+    model_dir: Path, lib: Path, port: int, args: argparse.Namespace, log: Path, *options: str
 ) -> subprocess.Popen:
     command = [sys.executable, "-m", "megrez_mlc", "serve", str(model_dir), "--model-lib", str(lib)]
-    command += ["--port", str(port), "--served-model-name", MODEL_NAME]
+    command += ["--port", str(port), "--served-model-name", MODEL_NAME, *options]
     command += ["--max-num-sequence", str(args.max_num_sequence)]
     command += ["--max-total-seq-len", str(args.max_total_seq_len)]
     command += ["--threads", str(args.threads)] if args.threads else []

@@ -556,6 +556,13 @@ def chat_cmd(
     help="Requests that may wait for a free sequence; more get a 429.",
 )
 @click.option(
+    "--prefix-cache",
+    type=_IntRange(0),
+    default=None,
+    help="Finished requests' KV-cache sequences kept, so that a prompt repeating one's tokens (the next turn "
+    "of a chat) prefills only the rest; 0 turns it off (default: --max-num-sequence).",
+)
+@click.option(
     "--api-key",
     envvar="MEGREZ_MLC_API_KEY",
     default=None,
@@ -575,6 +582,7 @@ def serve_cmd(
     max_total_seq_len: int | None,
     prefill_chunk_size: int | None,
     max_queue: int,
+    prefix_cache: int | None,
     api_key: str | None,
     served_model_name: str | None,
     threads: int | None,
@@ -593,6 +601,7 @@ def serve_cmd(
         max_total_seq_len=max_total_seq_len,
         prefill_chunk_size=prefill_chunk_size,
         max_queue=max_queue,
+        prefix_cache=prefix_cache,
         api_key=api_key,
         served_name=served_model_name,
         threads=threads,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -174,6 +175,27 @@ def test_chat_answers_as_the_engine_does(server: Server, engine: Engine) -> None
     assert chunks[-1].choices == []
     assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    # the same conversation again: all but its last prompt token come from the prefix cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1
+
+
+def test_the_next_turn_reuses_the_conversation_so_far(server: Server, engine: Engine) -> None:
+    """A chat client re-sends the history each turn: the second turn's prompt starts with the first's, which
+    is not prefilled again (OpenAI's usage.prompt_tokens_details.cached_tokens), and the answer is the
+    Engine's without any cache."""
+    client = server.client()
+    history = [{"role": "user", "content": "Tell me about prefix caches, in detail."}]
+    first = client.chat.completions.create(model=MODEL_NAME, messages=history, max_tokens=16, temperature=0)
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = client.chat.completions.create(model=MODEL_NAME, messages=history, max_tokens=16, temperature=0)
+    assert second.choices[0].message.content == greedy_chat(engine, history, 16).text
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    health = server.wait_until_idle()
+    assert health["prefix_cache"]["hits"] >= 1
+    assert health["prefix_cache"]["sequences"] <= 8  # --max-num-sequence, the default --prefix-cache
 
 
 def test_completions_raw_prompt_text_and_token_ids(server: Server, engine: Engine) -> None:
@@ -272,9 +294,129 @@ def test_concurrent_streams_match_each_request_alone(server: Server) -> None:
         thread.join(TIMEOUT_S * 2)
     assert together == alone
     assert len({text for text, _ in alone}) > 8  # the prompts really differ
+    health = server.wait_until_idle()  # only the prefix cache holds tokens now
+    assert health["kv_cache"]["sequences"] == health["prefix_cache"]["sequences"]
+    assert health["kv_cache"]["tokens"] == health["prefix_cache"]["tokens"]
+
+
+def reference_logprobs(engine: Engine, prompt_ids: list[int], answer_ids: list[int]) -> list[np.ndarray]:
+    """log_softmax of the model's logits before each answer token, run step by step as the server does."""
+    rows = []
+    with engine.new_sequence() as sequence:
+        logits = sequence.prefill(prompt_ids)
+        for token in answer_ids:
+            wide = logits.astype(np.float64)
+            rows.append(wide - wide.max() - np.log(np.exp(wide - wide.max()).sum()))
+            logits = sequence.decode(token)
+    return rows
+
+
+def test_chat_logprobs_are_the_models(server: Server, engine: Engine) -> None:
+    """Each answer token's logprob and its 5 likeliest rivals equal log_softmax of the model's logits (the
+    Engine's, within float32 noise), the greedy token is the likeliest, and the stream carries the same."""
+    client = server.client()
+    asked = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+    reply = client.chat.completions.create(**asked, logprobs=True, top_logprobs=5)
+    content = reply.choices[0].logprobs.content
+    expected = greedy_chat(engine, MESSAGES, 12)
+    assert len(content) == len(expected.token_ids) > 0
+    # the tokens' bytes are the answer's (whose text leaves special tokens out), also where a token holds
+    # part of a character
+    shown = [e for e, t in zip(content, expected.token_ids) if engine.tokenizer.decode([t])]
+    answer_bytes = b"".join(bytes(entry.bytes) for entry in shown)
+    assert answer_bytes.decode(errors="replace") == reply.choices[0].message.content
+    rows = reference_logprobs(engine, engine.encode_chat(MESSAGES), expected.token_ids)
+    for entry, token, row in zip(content, expected.token_ids, rows):
+        assert entry.token == engine.tokenizer.token_text(token)
+        assert entry.logprob == pytest.approx(row[token], abs=1e-4)
+        likeliest = np.argsort(-row, kind="stable")[:5]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row[likeliest].tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [
+            engine.tokenizer.token_text(int(i)) for i in likeliest
+        ]
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the likeliest token
+        assert sum(np.exp(t.logprob) for t in entry.top_logprobs) <= 1 + 1e-6
+
+    stream = client.chat.completions.create(**asked, logprobs=True, top_logprobs=5, stream=True)
+    streamed = [
+        e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # (this time from the prefix cache: the prompt's attention is split at the cached part, rounded apart)
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert client.chat.completions.create(**asked).choices[0].logprobs is None  # not asked for
+
+
+def test_completion_logprobs_in_the_legacy_shape(server: Server, engine: Engine) -> None:
+    client = server.client()
+    prompt = "The quick brown fox"
+    reply = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3
+    )
+    logprobs = reply.choices[0].logprobs
+    answer = engine.generate(prompt, engine.default_sampling(temperature=0.0, max_tokens=8))
+    rows = reference_logprobs(engine, engine.tokenizer.encode(prompt), answer.token_ids)
+    assert logprobs.tokens == [engine.tokenizer.token_text(t) for t in answer.token_ids]
+    assert logprobs.token_logprobs == pytest.approx([r[t] for r, t in zip(rows, answer.token_ids)], abs=1e-4)
+    for top, row in zip(logprobs.top_logprobs, rows):
+        expected: dict[str, float] = {}  # tokens of one text (parts of characters): the likeliest's
+        for i in np.argsort(-row, kind="stable")[:3]:
+            expected.setdefault(engine.tokenizer.token_text(int(i)), row[i])
+        assert list(top) == list(expected)
+        assert list(top.values()) == pytest.approx(list(expected.values()), abs=1e-4)
+    decode = engine.tokenizer.decode
+    assert logprobs.text_offset == [len(decode(answer.token_ids[:i])) for i in range(len(answer.token_ids))]
+    assert decode(answer.token_ids) == reply.choices[0].text
+
+    stream = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=3, stream=True
+    )
+    chunks = [c.choices[0].logprobs for c in stream if c.choices[0].logprobs and c.choices[0].logprobs.tokens]
+    assert [offset for c in chunks for offset in c.text_offset] == logprobs.text_offset
+
+
+def metric_samples(server: Server) -> dict[tuple[str, tuple], float]:
+    """GET /metrics through prometheus_client's own parser: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{server.url}/metrics", headers=server.headers(), timeout=TIMEOUT_S)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_what_a_request_did(server: Server) -> None:
+    server.wait_until_idle()
+    before = metric_samples(server)
+    reply = server.client().completions.create(
+        model=MODEL_NAME, prompt="Count me", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     health = server.wait_until_idle()
-    assert health["kv_cache"]["sequences"] == 0
-    assert health["kv_cache"]["tokens"] == 0
+    after = metric_samples(server)
+
+    def grew(name: str, labels: tuple = ()) -> float:
+        return after[(f"megrez_{name}", labels)] - before.get((f"megrez_{name}", labels), 0.0)
+
+    assert grew("generation_tokens_total") == 5
+    assert grew("prompt_tokens_total") == reply.usage.prompt_tokens
+    assert grew("cached_prompt_tokens_total") == reply.usage.prompt_tokens_details.cached_tokens
+    assert grew("requests_total", (("outcome", "length"),)) == 1
+    assert grew("time_to_first_token_seconds_count") == 1
+    assert grew("time_per_output_token_seconds_count") == 4
+    assert (
+        after[("megrez_time_to_first_token_seconds_bucket", (("le", "+Inf"),))]
+        == after[("megrez_time_to_first_token_seconds_count", ())]
+    )
+    for outcome in ("stop", "length", "cancelled", "error"):
+        assert after[("megrez_requests_total", (("outcome", outcome),))] == health["requests"][outcome]
+    assert after[("megrez_running_requests", ())] == 0 and after[("megrez_waiting_requests", ())] == 0
+    assert after[("megrez_kv_cache_free_pages", ())] == health["kv_cache"]["free_pages"]
+    assert after[("megrez_prefix_cache_sequences", ())] == health["prefix_cache"]["sequences"]
+    rate = health["prefix_cache"]["hits"] / health["prefix_cache"]["lookups"]
+    assert after[("megrez_prefix_cache_hit_rate", ())] == pytest.approx(rate)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
@@ -307,6 +449,14 @@ def test_concurrent_streams_match_each_request_alone(server: Server) -> None:
         ({"model": MODEL_NAME, "messages": MESSAGES, "stream": "yes"}, 400, "stream", None),
         ({"model": MODEL_NAME, "messages": MESSAGES, "n": 2}, 400, "n", None),
         ({"model": MODEL_NAME, "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", None),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs",
+            None,
+        ),
+        ({"model": MODEL_NAME, "messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
+        ({"model": MODEL_NAME, "messages": MESSAGES, "logprobs": 1}, 400, "logprobs", None),
         ({"model": "gpt-4o", "messages": MESSAGES}, 404, "model", "model_not_found"),
         # JSON's escape of a lone surrogate: a str in Python, but no text a tokenizer can encode
         ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "\udcff"}]}, 400, "messages", None),
@@ -331,6 +481,7 @@ def test_bad_chat_requests_get_openai_errors(server: Server, body, status: int, 
         ({"model": MODEL_NAME, "prompt": [1, 2, 10**9]}, "prompt"),
         ({"model": MODEL_NAME, "prompt": ""}, "prompt"),
         ({"model": MODEL_NAME, "prompt": "x", "echo": True}, "echo"),
+        ({"model": MODEL_NAME, "prompt": "x", "logprobs": 21}, "logprobs"),
         ({"model": MODEL_NAME, "prompt": "a \ud800 b"}, "prompt"),
     ],
 )
@@ -365,7 +516,8 @@ def test_server_keeps_serving_after_bad_input(server: Server) -> None:
     server.post("/v1/completions", json={"model": MODEL_NAME, "prompt": [10**9]})
     reply = server.client().completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=3, temperature=0)
     assert reply.usage.prompt_tokens > 0
-    assert server.wait_until_idle()["kv_cache"]["sequences"] == 0
+    health = server.wait_until_idle()
+    assert health["kv_cache"]["sequences"] == health["prefix_cache"]["sequences"]
 
 
 # --- auth ---------------------------------------------------------------------------------

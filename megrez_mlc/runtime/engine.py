@@ -23,7 +23,7 @@ import numpy as np
 from ..artifacts.chat_config import read_chat_config
 from ..conversation import Conversation
 from ..errors import MegrezError
-from .model_lib import ModelLibrary, pages_for
+from .model_lib import PAGE_SIZE, ModelLibrary, pages_for
 from .request import GenerationStats, Request, StreamDelta
 from .sampling import SamplingParams
 from .sequence import Sequence
@@ -60,6 +60,7 @@ class Engine:
         max_total_seq_len: int | None = None,
         prefill_chunk_size: int | None = None,
         threads: int | None = None,
+        max_sequences: int | None = None,
     ) -> None:
         self.model_dir, self.chat_config = read_chat_config(Path(model_dir))
         self.tokenizer = Tokenizer(self.model_dir)
@@ -71,6 +72,7 @@ class Engine:
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
             threads=threads,
+            max_sequences=max_sequences,
         )
         self.conversation = Conversation.from_json(self.chat_config.conv_template)
 
@@ -115,6 +117,11 @@ class Engine:
         """The longest prompt + answer of one sequence (MLC's name for it): the context window, or the KV
         cache when that is smaller."""
         return min(self.context_window_size, self.max_total_seq_len)
+
+    @property
+    def max_sequences(self) -> int:
+        """Sequences the KV cache holds at once."""
+        return self.model.max_sequences
 
     @property
     def prefill_chunk_size(self) -> int:
@@ -236,8 +243,8 @@ class Engine:
     # --- the KV cache: sequences and their pages -----------------------------------------------------------
 
     def new_sequence(self) -> Sequence:
-        """An empty sequence in the KV cache (at most max_batch_size at once); `close` it, or use it as a
-        context manager, to free its pages."""
+        """An empty sequence in the KV cache (at most max_sequences at once, max_batch_size unless given);
+        `close` it, or use it as a context manager, to free its pages."""
         return Sequence(self.model, self.model.add_sequence())
 
     def prefill(self, sequences: list[Sequence], token_lists: list[list[int]]) -> np.ndarray:
@@ -258,9 +265,10 @@ class Engine:
         sequence only, so the cache can fill up before it holds max_total_seq_len tokens."""
         return self.model.pages_to_append([seq.id for seq in sequences], lengths)
 
-    def pages_for(self, num_tokens: int) -> int:
-        """Pages a new sequence of `num_tokens` tokens takes."""
-        return pages_for(num_tokens)
+    def pages_for(self, num_tokens: int, shared: int = 0) -> int:
+        """Pages a new sequence of `num_tokens` tokens takes, when its first `shared` come from a fork (whose
+        full pages it shares; a partly filled one is copied)."""
+        return pages_for(num_tokens) - shared // PAGE_SIZE
 
     def kv_status(self) -> dict[str, int]:
         """The KV cache now: its sequences, the tokens they hold, free pages, and its size in tokens."""

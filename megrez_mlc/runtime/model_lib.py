@@ -82,7 +82,10 @@ class ModelLibrary:
         max_total_seq_len: int | None = None,
         prefill_chunk_size: int | None = None,
         threads: int | None = None,
+        max_sequences: int | None = None,
     ) -> None:
+        """`max_batch_size`: sequences in one forward pass; `max_sequences`: sequences the cache holds at once
+        (default the same; the server's prefix cache keeps finished ones beside the running batch)."""
         if not Path(model_lib).is_file():
             raise MegrezError(f"model library {model_lib} not found; build it with `megrez-mlc compile`")
         self.threads = configure_threads(threads)
@@ -112,6 +115,7 @@ class ModelLibrary:
         if max_total_seq_len is not None and max_total_seq_len < 1:
             raise MegrezError(f"the KV cache must hold at least 1 token, not {max_total_seq_len}")
         self.max_total_seq_len = max_total_seq_len or self.context_window_size
+        self.max_sequences = max(max_sequences or 0, self.max_batch_size)
         self.vocab_size = int(self.metadata["params"][0]["shape"][0])
         self.kv_cache = self.vm["create_tir_paged_kv_cache"](
             ShapeTuple([max_batch_size]),
@@ -128,6 +132,7 @@ class ModelLibrary:
             name: tvm.get_global_func(f"vm.builtin.{name}")
             for name in (
                 "kv_state_add_sequence",
+                "kv_state_fork_sequence",
                 "kv_state_remove_sequence",
                 "kv_state_popn",
                 "kv_state_begin_forward",
@@ -154,13 +159,29 @@ class ModelLibrary:
 
     # --- sequences in the KV cache -------------------------------------------------------------------------
 
-    def add_sequence(self) -> int:
-        if len(self.sequence_lengths) >= self.max_batch_size:
-            raise MegrezError(f"the KV cache holds at most {self.max_batch_size} sequences at once")
+    def _new_seq_id(self) -> int:
+        if len(self.sequence_lengths) >= self.max_sequences:
+            raise MegrezError(f"the KV cache holds at most {self.max_sequences} sequences at once")
         seq_id = self._next_seq_id
         self._next_seq_id += 1
+        return seq_id
+
+    def add_sequence(self) -> int:
+        seq_id = self._new_seq_id()
         self._kv["kv_state_add_sequence"](self.kv_cache, seq_id)
         self.sequence_lengths[seq_id] = 0
+        return seq_id
+
+    def fork_sequence(self, parent_id: int, length: int) -> int:
+        """A new sequence holding the first `length` tokens of the parent's. The two share those tokens' full
+        pages (a partly filled last page is copied) and both can go on growing apart."""
+        if not 0 <= length <= self.sequence_lengths[parent_id]:
+            raise MegrezError(
+                f"cannot fork {length} tokens from a sequence of {self.sequence_lengths[parent_id]}"
+            )
+        seq_id = self._new_seq_id()
+        self._kv["kv_state_fork_sequence"](self.kv_cache, parent_id, seq_id, length)
+        self.sequence_lengths[seq_id] = length
         return seq_id
 
     def remove_sequence(self, seq_id: int) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sampling import SamplingParams, sample_token
+from .sampling import SamplingParams, TokenLogprob, sample_token, token_logprob
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
@@ -54,6 +54,7 @@ class StreamDelta:
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None  # of token_id, when the request asked for logprobs
 
 
 class StopStringMatcher:
@@ -142,17 +143,24 @@ class Request:
         if token in p.stop_token_ids and not p.ignore_eos:
             return self._finish("stop", None)
         self.output_ids.append(token)
+        logprob = token_logprob(logits, token, p.top_logprobs) if p.logprobs else None
         text, stopped = self.stops.feed(self.detokenizer.put(token))
         if stopped:
             self.finish_reason = "stop"
-            return StreamDelta(self.index, text, token, "stop")
+            return StreamDelta(self.index, text, token, "stop", logprob)
         if len(self.output_ids) >= self.max_new_tokens:
-            return self._finish("length", token, text)
-        return StreamDelta(self.index, text, token)
+            return self._finish("length", token, text, logprob)
+        return StreamDelta(self.index, text, token, logprob=logprob)
 
-    def _finish(self, reason: str, token: int | None, text: str = "") -> StreamDelta:
+    def _finish(
+        self, reason: str, token: int | None, text: str = "", logprob: TokenLogprob | None = None
+    ) -> StreamDelta:
         tail, stopped = self.stops.feed(self.detokenizer.flush())
         self.finish_reason = "stop" if stopped else reason
         return StreamDelta(
-            self.index, text + tail + ("" if stopped else self.stops.flush()), token, self.finish_reason
+            self.index,
+            text + tail + ("" if stopped else self.stops.flush()),
+            token,
+            self.finish_reason,
+            logprob,
         )

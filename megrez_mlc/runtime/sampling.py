@@ -41,6 +41,8 @@ class _Range:
         return text + (f" ({self.meaning})" if self.meaning else "")
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
+
 # The one definition of each setting's range: SamplingParams (the Python API, the server, chat's /set) and the
 # CLI's options are checked against it.
 SAMPLING_RANGES = {
@@ -50,6 +52,7 @@ SAMPLING_RANGES = {
     "top_k": _Range(0, True, integer=True, meaning="0 = no top-k cut"),
     "repetition_penalty": _Range(0, False, meaning="1 = none"),
     "seed": _Range(0, True, integer=True),
+    "top_logprobs": _Range(0, True, MAX_TOP_LOGPROBS, integer=True),
 }
 
 
@@ -75,6 +78,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: bool = False  # each sampled token's log-probability, and its `top_logprobs` likeliest rivals
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         for name in SAMPLING_RANGES:
@@ -85,6 +90,29 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's natural-log probability under the model (its raw logits: before the repetition
+    penalty, temperature and top-k/top-p), and the `top` likeliest tokens with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token_id: int, top: int) -> TokenLogprob:
+    """log_softmax(logits) at the token, and its `top` largest entries (ties: the lower id first)."""
+    wide = logits.astype(np.float64)
+    peak = wide.max()
+    log_total = peak + math.log(np.exp(wide - peak).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        candidates = np.argpartition(-wide, top - 1)[:top] if top < wide.size else np.arange(wide.size)
+        ranked = sorted(candidates.tolist(), key=lambda i: (-wide[i], i))
+        best = tuple((i, float(wide[i] - log_total)) for i in ranked)
+    return TokenLogprob(token_id, float(wide[token_id] - log_total), best)
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: float) -> np.ndarray:

@@ -40,6 +40,10 @@ class Sequence:
         """Append one token; the logits [vocab] after it."""
         return self.model.decode([self.id], [token_id])[0]
 
+    def fork(self, length: int) -> Sequence:
+        """A new sequence that starts with this one's first `length` tokens, sharing their pages."""
+        return Sequence(self.model, self.model.fork_sequence(self.id, length))
+
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens (all of them when the sequence holds fewer)."""
         self.model.truncate_sequence(self.id, length)

@@ -7,6 +7,7 @@ whole, so the concatenated stream equals the decode of all tokens.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -14,6 +15,17 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..errors import MegrezError
 
 REPLACEMENT_CHAR = "\ufffd"
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The characters a byte-level BPE writes for each byte (GPT-2's table): printable Latin-1 bytes stand
+    for themselves, the other 68 bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 def check_text(text: str, what: str = "the text") -> None:
@@ -37,6 +49,8 @@ class Tokenizer:
         if not path.is_file():
             raise MegrezError(f"{path} not found; run `megrez-mlc gen-config` to copy the tokenizer files")
         self._tok = HFTokenizer.from_file(str(path))
+        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
+        self._byte_level = decoder.get("type") == "ByteLevel"
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` as is: no BOS (Megrez has none); special-token strings become their ids."""
@@ -45,6 +59,18 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (U+FFFD for part of a character); special tokens included."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes a token stands for, also when they are part of a character: a byte-level BPE's
+        token string, mapped back through its byte alphabet."""
+        piece = self._tok.id_to_token(token_id)
+        if self._byte_level and piece is not None and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return self.token_text(token_id).encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies (the fields this server honours) and its error objects.
 
 Bodies are validated strictly: a field of the wrong type ("max_tokens": "5"), a value out of range or a
-feature this server does not have (n > 1, tools, logprobs...) is a 400 with the field named, never
+feature this server does not have (n > 1, tools, echo...) is a 400 with the field named, never
 silently ignored. Fields that do not change the answer (user, metadata...) and unknown fields are ignored,
 as OpenAI's clients send some. Extensions beyond OpenAI's fields, as vLLM and MLC-LLM accept them:
 top_k, repetition_penalty, ignore_eos.
@@ -13,6 +13,10 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..runtime.sampling import MAX_TOP_LOGPROBS
+
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class APIError(Exception):
@@ -55,8 +59,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -126,6 +128,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(RequestBody):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, 'top_logprobs needs "logprobs": true', param="top_logprobs")
+        return self
+
+    @property
+    def logprob_settings(self) -> tuple[bool, int]:
+        """Whether to return logprobs, and how many likeliest tokens with each."""
+        return self.logprobs, self.top_logprobs or 0
 
     @property
     def token_limit(self) -> int | None:
@@ -134,6 +149,7 @@ class ChatCompletionRequest(RequestBody):
 
 class CompletionRequest(RequestBody):
     prompt: Any  # a text or a list of token ids (checked below, for one clear message)
+    logprobs: TopLogprobs | None = None  # the legacy API's: how many likeliest tokens with each token
 
     @model_validator(mode="after")
     def _one_prompt(self) -> CompletionRequest:
@@ -153,6 +169,11 @@ class CompletionRequest(RequestBody):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def logprob_settings(self) -> tuple[bool, int]:
+        """Whether to return logprobs, and how many likeliest tokens with each (legacy `logprobs`: N)."""
+        return self.logprobs is not None, self.logprobs or 0
 
 
 RequestBody.model_rebuild()

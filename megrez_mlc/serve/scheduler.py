@@ -6,10 +6,11 @@ Each turn of the loop
 2. prefills at most prefill_chunk_size prompt tokens, from as many sequences as fit in that chunk (a long
    prompt takes several turns, so the running requests keep decoding in between);
 3. decodes every sequence whose prompt is in the cache, all together, with one batch_decode call.
-A request that finishes leaves the batch, and frees its pages, in the turn it finishes. When the cache has
-no page for a step, the most recently admitted request is preempted: its sequence is freed and it goes back
-to the front of the queue, to be prefilled again with the tokens it has generated so far (its stream just
-continues, later).
+A request that finishes leaves the batch in the turn it finishes; its sequence goes to the prefix cache
+(prefix_cache.py), from which a later request that starts with the same tokens is forked, prefilling only
+the rest. When the cache has no page for a step, cached sequences are evicted first; then the most
+recently admitted request is preempted: its sequence is freed and it goes back to the front of the queue,
+to be prefilled again with the tokens it has generated so far (its stream just continues, later).
 
 The loop runs on its own thread, which loads the model: TVM's CPU thread pool belongs to the thread that
 calls into TVM, and the KV cache is not thread-safe. Other threads only `submit` and `cancel`.
@@ -31,6 +32,8 @@ from ..runtime.engine import Engine
 from ..runtime.request import Request, StreamDelta
 from ..runtime.sampling import SamplingParams
 from ..runtime.sequence import Sequence
+from .metrics import ServerMetrics, render
+from .prefix_cache import CachedSequence, PrefixCache, PrefixMatch
 
 log = logging.getLogger("megrez_mlc")
 
@@ -58,7 +61,10 @@ class Ticket:
     decoding: bool = False  # the prompt is in the cache: `pending` is the one token sampled last
     cancelled: bool = False
     error: str | None = None  # why a request finished with "error"
+    submitted_at: float = field(default_factory=time.perf_counter)
     admitted_at: float = 0.0
+    last_token_at: float = 0.0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache, not prefilled
     deltas: list[StreamDelta] = field(default_factory=list)  # produced this turn, delivered at its end
 
 
@@ -71,11 +77,17 @@ class Scheduler:
         *,
         max_num_sequence: int,
         max_queue: int = 64,
+        prefix_cache: int = 0,
     ) -> None:
+        """`load` builds the Engine (on the loop's thread), with room for max_num_sequence + `prefix_cache`
+        sequences: that many finished ones are kept for reuse (0: none)."""
         if max_num_sequence < 1:
             raise MegrezError(f"--max-num-sequence must be at least 1, got {max_num_sequence}")
         if max_queue < 0:
             raise MegrezError(f"--max-queue must be at least 0, got {max_queue}")
+        if prefix_cache < 0:
+            raise MegrezError(f"--prefix-cache must be at least 0, got {prefix_cache}")
+        self.prefix_cache = PrefixCache(prefix_cache)
         self.max_num_sequence = max_num_sequence
         self.max_queue = max_queue
         self._load = load
@@ -88,7 +100,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._main, name="megrez-engine-loop", daemon=True)
         self._seconds_per_request = 0.0  # moving average, for Retry-After
         self._kv_snapshot: dict[str, int] = {}
+        self._prefix_snapshot: dict[str, int] = {}
         self._counts: collections.Counter[str] = collections.Counter()  # finish reasons, and preemptions
+        self._metrics = ServerMetrics()  # guarded by _cond
+        self._total_pages = 0  # of the KV cache, counted when it is empty
         self.engine: Engine
 
     # --- life cycle (any thread) ---------------------------------------------------------------------------
@@ -149,10 +164,17 @@ class Scheduler:
                 "context_window_size": self.engine.context_window_size,
                 "max_single_sequence_length": self.engine.max_single_sequence_length,
                 "kv_cache": dict(self._kv_snapshot),
+                "prefix_cache": dict(self._prefix_snapshot),
                 "requests": {
                     key: self._counts[key] for key in ("stop", "length", "cancelled", "error", "preempted")
                 },
             }
+
+    def metrics_text(self) -> str:
+        """Prometheus' text format: counters, latency histograms, and the state `status` gives."""
+        status = self.status()
+        with self._cond:
+            return render(self._metrics, status, self._total_pages)
 
     def _retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead, served max_num_sequence at a time."""
@@ -164,10 +186,17 @@ class Scheduler:
     def _main(self) -> None:
         try:
             self.engine = self._load()
+            needed = self.max_num_sequence + self.prefix_cache.capacity
+            if self.engine.max_sequences < needed:
+                raise MegrezError(
+                    f"the engine's KV cache holds {self.engine.max_sequences} sequences but serving "
+                    f"{self.max_num_sequence} at once with {self.prefix_cache.capacity} cached takes {needed}"
+                )
         except BaseException as err:  # handed to start(), which raises it in the caller's thread
             self._load_error = err
             self._ready.set()
             return
+        self._total_pages = self.engine.free_pages()
         self._publish_kv()
         self._ready.set()
         while True:
@@ -206,20 +235,58 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Oldest first (a big request is never overtaken for good): a free slot and the pages to prefill it
-        plus one decode step, after the pages the running requests still need for theirs."""
+        plus one decode step, after the pages the running requests still need for theirs; cached sequences
+        are evicted to make that room. A request starts from the longest prefix of its tokens in the cache."""
         engine = self.engine
-        spare = engine.free_pages() - sum(self._pages_for_next_step(t) for t in self._running)
+        reserved = sum(self._pages_for_next_step(t) for t in self._running)
         with self._cond:
             while self._waiting and len(self._running) < self.max_num_sequence:
                 ticket = self._waiting[0]
-                need = engine.pages_for(len(ticket.pending) + 1)
-                if need > spare:
+                match = self.prefix_cache.match(ticket.pending, self._running_prefixes())
+                while self._pages_to_start(ticket, match) > engine.free_pages() - reserved:
+                    if not self.prefix_cache.evict_oldest(keep=match.source):
+                        break
+                if self._pages_to_start(ticket, match) > engine.free_pages() - reserved:
                     break
-                spare -= need
+                reserved += self._pages_to_start(ticket, match)
                 self._waiting.popleft()
-                ticket.sequence = engine.new_sequence()
-                ticket.admitted_at = ticket.admitted_at or time.perf_counter()
+                self._start(ticket, match)
                 self._running.append(ticket)
+
+    def _pages_to_start(self, ticket: Ticket, match: PrefixMatch) -> int:
+        """Pages a waiting request takes for its prompt and one decode step: a fork starts with a copy of
+        a partly filled page, a sequence taken over whole owns it already."""
+        total = len(ticket.pending) + 1
+        if match.adopt:
+            return self.engine.pages_to_append([match.source], [total - match.length])  # type: ignore[list-item]
+        return self.engine.pages_for(total, shared=match.length)
+
+    def _start(self, ticket: Ticket, match: PrefixMatch) -> None:
+        if match.length:
+            ticket.sequence = self.prefix_cache.take(match)
+            ticket.pending = ticket.pending[match.length :]
+        else:
+            ticket.sequence = self.engine.new_sequence()
+        if not ticket.admitted_at:  # a request preempted and admitted again counts what it reused first
+            ticket.admitted_at = time.perf_counter()
+            ticket.cached_tokens = match.length
+            self._metrics.prompt_tokens += len(ticket.request.prompt_ids)
+            self._metrics.cached_tokens += match.length
+
+    def _running_prefixes(self) -> list[CachedSequence]:
+        """What each running request's sequence holds: the first tokens of its prompt and answer."""
+        prefixes = []
+        for ticket in self._running:
+            sequence, request = ticket.sequence, ticket.request
+            if sequence is not None and sequence.length:
+                tokens = (request.prompt_ids + request.output_ids)[: sequence.length]
+                prefixes.append(CachedSequence(tokens, sequence))
+        return prefixes
+
+    def _make_room(self) -> None:
+        """No page for the next pass: evict the least recently used cached sequence, else preempt."""
+        if not self.prefix_cache.evict_oldest():
+            self._preempt_newest()
 
     def _pages_for_next_step(self, ticket: Ticket) -> int:
         return self.engine.pages_to_append([ticket.sequence], [len(ticket.pending)])  # type: ignore[list-item]
@@ -238,7 +305,7 @@ class Scheduler:
             sequences = [t.sequence for t, _ in plan]
             if engine.pages_to_append(sequences, [len(p) for _, p in plan]) <= engine.free_pages():
                 break
-            self._preempt_newest()
+            self._make_room()
         logits = engine.prefill(sequences, [piece for _, piece in plan])
         done = []
         for (ticket, piece), row in zip(plan, logits):
@@ -258,7 +325,7 @@ class Scheduler:
             sequences = [t.sequence for t in batch]
             if engine.pages_to_append(sequences, [1] * len(batch)) <= engine.free_pages():
                 break
-            self._preempt_newest()
+            self._make_room()
         logits = engine.decode(sequences, [t.pending[0] for t in batch])
         for ticket, row in zip(batch, logits):
             self._step(ticket, row)
@@ -267,6 +334,16 @@ class Scheduler:
     def _step(self, ticket: Ticket, logits: Any) -> None:
         delta = ticket.request.step(logits)
         ticket.deltas.append(delta)
+        if delta.token_id is not None:
+            now = time.perf_counter()
+            with self._cond:
+                metrics = self._metrics
+                metrics.generated_tokens += 1
+                if ticket.last_token_at:
+                    metrics.time_per_output_token.observe(now - ticket.last_token_at)
+                else:
+                    metrics.time_to_first_token.observe(now - ticket.submitted_at)
+            ticket.last_token_at = now
         if delta.finish_reason is not None:
             self._release(ticket)
             return
@@ -290,8 +367,13 @@ class Scheduler:
             self._counts["preempted"] += 1
 
     def _release(self, ticket: Ticket) -> None:
-        """Take a finished or cancelled request out of the batch and free its KV-cache pages."""
+        """Take a finished or cancelled request out of the batch: a finished one's sequence goes to the
+        prefix cache, a cancelled one's pages are freed (its client is gone, and so, likely, its history)."""
         request = ticket.request
+        if request.finish_reason in ("stop", "length") and ticket.sequence is not None:
+            held = (request.prompt_ids + request.output_ids)[: ticket.sequence.length]
+            self.prefix_cache.add(held, ticket.sequence)
+            ticket.sequence = None
         self._free_sequence(ticket)
         with self._cond:
             if ticket in self._running:
@@ -317,8 +399,9 @@ class Scheduler:
 
     def _publish_kv(self) -> None:
         snapshot = self.engine.kv_status()
+        prefix = self.prefix_cache.counts()
         with self._cond:
-            self._kv_snapshot = snapshot
+            self._kv_snapshot, self._prefix_snapshot = snapshot, prefix
 
     def _fail_running(self, message: str) -> None:
         running = list(self._running)
@@ -343,5 +426,6 @@ class Scheduler:
             waiting = list(self._waiting)
             self._waiting.clear()
         self._fail_running("the server is shutting down")
+        self.prefix_cache.clear()
         for ticket in waiting:
             self._fail(ticket, "the server is shutting down")

@@ -5,6 +5,7 @@
     POST /v1/chat/completions    messages, rendered with the model's chat template
     POST /v1/completions         a raw prompt (text or token ids), no template
     GET  /health                 requests running and waiting, the KV cache's sequences and pages
+    GET  /metrics                counters, latency histograms and the same state, for Prometheus
 
 Both completion endpoints stream Server-Sent Events (`data: {chunk}` ... `data: [DONE]`) with
 "stream": true. A streaming client that disconnects cancels its request. Errors are OpenAI's error
@@ -27,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MegrezError
 from ..runtime.engine import PromptTooLong
 from ..runtime.request import StreamDelta
-from ..runtime.sampling import SamplingParams
+from ..runtime.sampling import SamplingParams, TokenLogprob
+from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, RequestBody, validation_error
 from .scheduler import QueueFull, Scheduler, Ticket
 
@@ -43,6 +45,7 @@ log = logging.getLogger("megrez_mlc")
 # Request bodies larger than this are refused (413): a prompt that fills Megrez's 32k-token context window
 # is a few hundred kB of JSON, even with every character \u-escaped.
 MAX_BODY_BYTES = 2 * 2**20
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
 
@@ -88,6 +91,10 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, **scheduler.status()}
 
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(scheduler.metrics_text(), media_type=PROMETHEUS_TEXT)
+
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(
@@ -99,8 +106,11 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
 
     def sampling(body: RequestBody) -> SamplingParams:
         """The request's settings over the model's defaults (mlc-chat-config.json)."""
+        logprobs, top_logprobs = body.logprob_settings
         try:
             return engine.default_sampling(
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
                 max_tokens=body.token_limit or engine.max_single_sequence_length,
                 temperature=body.temperature,
                 top_p=body.top_p,
@@ -162,6 +172,8 @@ class _Answer:
         self.loop = asyncio.get_running_loop()
         self.deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
         self.scheduler = scheduler
+        self.params = params
+        self.sent_ids: list[int] = []  # tokens whose logprobs have gone out (a completion's text offsets)
         self.kind, self.id, self.model_name = kind, answer_id, model_name
         self.created = int(time.time())
         try:
@@ -179,17 +191,22 @@ class _Answer:
         self.loop.call_soon_threadsafe(self.deltas.put_nowait, delta)
 
     @property
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         request = self.ticket.request
         prompt, completion = len(request.prompt_ids), len(request.output_ids)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self.ticket.cached_tokens},
+        }
 
     def _failure(self) -> APIError:
         return APIError(500, self.ticket.error or "the request was cancelled", type="server_error")
 
     async def whole(self, request: Request) -> dict[str, Any]:
         """The complete answer (cancelled if the client goes away while waiting)."""
-        text = []
+        text, logprobs = [], []
         try:
             while True:
                 try:
@@ -200,6 +217,7 @@ class _Answer:
                         raise APIError(499, "the client closed the connection") from None
                     continue
                 text.append(delta.text)
+                logprobs += [delta.logprob] if delta.logprob else []
                 if delta.finish_reason is not None:
                     break
         except asyncio.CancelledError:
@@ -209,13 +227,13 @@ class _Answer:
             raise self._failure()
         return {
             **self._head(),
-            "choices": [self._choice("".join(text), delta.finish_reason)],
+            "choices": [self._choice("".join(text), delta.finish_reason, self._logprobs(logprobs))],
             "usage": self.usage,
         }
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
         """Server-Sent Events: a chunk per text delta, the finish reason, usage if asked, then [DONE]."""
-        finished = False
+        finished, logprobs = False, []  # logprobs: of tokens whose text is held back (a stop string's start?)
         try:
             if self.kind == "chat.completion":
                 yield _sse(self._chunk({"role": "assistant", "content": ""}, None))
@@ -225,9 +243,11 @@ class _Answer:
                 if finished and delta.finish_reason not in ("stop", "length"):
                     yield _sse(self._failure().body)
                     return
+                logprobs += [delta.logprob] if delta.logprob else []
                 if delta.text or finished:
                     content = {"content": delta.text} if delta.text else {}
-                    yield _sse(self._chunk(content, delta.finish_reason))
+                    yield _sse(self._chunk(content, delta.finish_reason, self._logprobs(logprobs)))
+                    logprobs = []
             if include_usage:
                 yield _sse({**self._head(chunk=True), "choices": [], "usage": self.usage})
             yield "data: [DONE]\n\n"
@@ -239,20 +259,33 @@ class _Answer:
         kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
 
-    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        """The choice's `logprobs` for these tokens (the next ones of the answer), None unless asked for."""
+        if not self.params.logprobs:
+            return None
+        tokenizer = self.scheduler.engine.tokenizer
+        if self.kind == "chat.completion":
+            return chat_logprobs(tokenizer, entries)
+        shaped = completion_logprobs(tokenizer, entries, self.sent_ids, self.params.top_logprobs)
+        self.sent_ids += [entry.token_id for entry in entries]
+        return shaped
+
+    def _choice(self, text: str, finish_reason: str | None, logprobs: Any) -> dict[str, Any]:
         if self.kind == "chat.completion":
             message = {"role": "assistant", "content": text}
-            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+    def _chunk(
+        self, delta: dict[str, str], finish_reason: str | None, logprobs: Any = None
+    ) -> dict[str, Any]:
         if self.kind == "chat.completion":
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
             choice = {
                 "index": 0,
                 "text": delta.get("content", ""),
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         return {**self._head(chunk=True), "choices": [choice]}
@@ -336,11 +369,13 @@ def run_server(
     max_total_seq_len: int | None = None,
     prefill_chunk_size: int | None = None,
     max_queue: int = 64,
+    prefix_cache: int | None = None,
     api_key: str | None = None,
     served_name: str | None = None,
     threads: int | None = None,
 ) -> None:
-    """Prepare MODEL (as `chat` does), load it on the engine loop's thread and serve until Ctrl-C."""
+    """Prepare MODEL (as `chat` does), load it on the engine loop's thread and serve until Ctrl-C.
+    `prefix_cache`: finished sequences kept for reuse (default: max_num_sequence; 0: none)."""
     import uvicorn
 
     from ..model_source import prepare_model
@@ -349,6 +384,7 @@ def run_server(
     # Bound before the (slow) model load, so that a busy port or a wrong --host is one error line at once;
     # connections are refused, not left hanging, until uvicorn listens on it.
     listener = bind_listener(host, port)
+    cached = max_num_sequence if prefix_cache is None else prefix_cache
     try:
         prepared = prepare_model(model, model_lib=model_lib, device=device, quantization=quantization)
 
@@ -361,21 +397,25 @@ def run_server(
                 max_total_seq_len=max_total_seq_len,
                 prefill_chunk_size=prefill_chunk_size,
                 threads=threads,
+                max_sequences=max_num_sequence + cached,
             )
 
-        scheduler = Scheduler(load, max_num_sequence=max_num_sequence, max_queue=max_queue).start()
+        scheduler = Scheduler(
+            load, max_num_sequence=max_num_sequence, max_queue=max_queue, prefix_cache=cached
+        ).start()
         name = served_name or served_model_name(model)
         try:
             app = create_app(scheduler, name, api_key=api_key)
             status = scheduler.status()
             log.info(
                 "serving %s on http://%s:%d/v1 "
-                "(%d sequences at once, %d-token KV cache, context %d tokens%s)",
+                "(%d sequences at once, %d-token KV cache, %d cached sequences, context %d tokens%s)",
                 name,
                 f"[{host}]" if ":" in host else host,
                 port,
                 max_num_sequence,
                 status["kv_cache"]["max_total_seq_len"],
+                cached,
                 status["max_single_sequence_length"],
                 ", API key required" if api_key else "",
             )
