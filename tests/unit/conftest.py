@@ -79,6 +79,7 @@ class FakeModel:
         self.context_window_size = context_window_size
         self.max_total_seq_len = max_total_seq_len or context_window_size
         self.max_batch_size = max_batch_size
+        self.max_sequences = max_batch_size
         self.prefill_chunk_size = prefill_chunk_size
         self.vocab_size = FAKE_VOCAB_SIZE
         self.threads = 1

@@ -102,3 +102,12 @@ def test_spaces_and_newlines_survive_token_by_token(tokenizer: Tokenizer) -> Non
     text = 'def main():\n    print("hello")\n\n  你 好  \n'
     ids = tokenizer.encode(text)
     assert "".join(check_stream(tokenizer, ids)) == text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_are_the_texts_bytes(tokenizer: Tokenizer, text: str) -> None:
+    """What logprobs report as a token's bytes: concatenated they are the text's UTF-8, also where one token
+    holds only part of a character (whose own text is U+FFFD)."""
+    ids = tokenizer.encode(text)
+    assert any(REPLACEMENT_CHAR in tokenizer.token_text(i) for i in ids)  # the hard case is there
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()

@@ -22,6 +22,7 @@ from megrez_mlc.runtime.sampling import (
     apply_repetition_penalty,
     sample_token,
     sampling_problem,
+    token_logprob,
 )
 from megrez_mlc.runtime.tokenizer import Tokenizer
 
@@ -235,3 +236,17 @@ def test_repetition_penalty_moves_the_greedy_choice() -> None:
     assert sample_token(positive, params, rng, seen=[0]) == 1  # 3 / 2 < 2
     negative = np.array([-1.0, -1.5, -4.0], dtype=np.float32)
     assert sample_token(negative, params, rng, seen=[0, 2]) == 1  # -1 * 2 < -1.5
+
+
+def test_logprobs_are_log_softmax_of_the_raw_logits() -> None:
+    """The token's log-probability and the top 3 (most likely first, the lower id first on a tie), as
+    torch.log_softmax gives them."""
+    logits = np.array([0.5, 2.0, -1.0, 1.0, -2.0, 2.0, 0.0, -0.5], dtype=np.float32)
+    reference = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), dim=0).numpy()
+    entry = token_logprob(logits, 3, top=3)
+    assert entry.token_id == 3 and entry.logprob == pytest.approx(reference[3], abs=1e-12)
+    assert [i for i, _ in entry.top] == [1, 5, 3]
+    assert [lp for _, lp in entry.top] == pytest.approx(reference[[1, 5, 3]].tolist(), abs=1e-12)
+    assert token_logprob(logits, 0, top=0).top == ()
+    with pytest.raises(MegrezError, match=r"^top_logprobs must be in \[0, 20\]"):
+        SamplingParams(logprobs=True, top_logprobs=21)
