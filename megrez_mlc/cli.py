@@ -429,6 +429,12 @@ def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
 @_sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-turn tokens.")
+@click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The answer is JSON valid against the JSON schema in this file (constrained decoding).",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print one JSON line: {"text", "token_ids", "usage"}.')
 @_report_errors
 def generate_cmd(
@@ -445,13 +451,22 @@ def generate_cmd(
     seed: int | None,
     stop: tuple[str, ...],
     ignore_eos: bool,
+    json_schema: Path | None,
     as_json: bool,
 ) -> None:
     """Generate one completion."""
     from .runtime import Engine
+    from .runtime.grammar import Grammar, GrammarError
 
+    grammar = None
+    if json_schema is not None:
+        try:
+            grammar = Grammar.json_schema(json_schema.read_text(encoding="utf-8"))
+        except (GrammarError, UnicodeDecodeError) as err:
+            raise MegrezError(f"--json-schema {json_schema}: {err}") from None
     engine = Engine(model, model_lib, device)
     params = engine.default_sampling(
+        grammar=grammar,
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -464,6 +479,12 @@ def generate_cmd(
     prompt_ids = (
         engine.tokenizer.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": prompt}])
     )
+    if grammar is not None:
+        try:
+            engine.grammar_matcher(grammar)
+        except GrammarError as err:
+            message = f"--json-schema {json_schema}: the grammar engine cannot use it: {err}"
+            raise MegrezError(message) from None
     if as_json:
         result = engine.generate(prompt_ids, params)
         click.echo(

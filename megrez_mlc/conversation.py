@@ -4,11 +4,17 @@ Megrez's own Jinja template (tokenizer_config.json) renders every message as
 `<|role_start|>{role}<|role_end|>{content}<|turn_end|>`, prepends a default system message when the
 first message is not a system message, and ends a prompt with `<|role_start|>assistant<|role_end|>`.
 The `megrez` template below encodes exactly that in MLC's fields, so MLC's engine renders it the same.
+
+Function calls are Megrez's own, as its published web-search agent drives them: the functions' JSON
+definitions follow the system message; the model writes `<|function_start|>{"name": ..., "arguments":
+{...}}<|function_end|>` (each marker one special token) in its answer; a function's result comes back as a
+turn of the role `observation`, which OpenAI's messages call `tool`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +24,20 @@ MEGREZ_DEFAULT_SYSTEM = "你是Megrez-3B-Instruct，将针对用户的问题给�
 # Stop strings, in the order their token ids are looked up in the tokenizer. `<|turn_end>` is a
 # malformed variant one Hugging Face revision of the tokenizer used as eos.
 MEGREZ_STOP_TOKENS = ("<|turn_end|>", "<|eos|>", "<|turn_end>")
+FUNCTION_CALL_MARKERS = ("<|function_start|>", "<|function_end|>")
+FUNCTIONS_PREAMBLE = "You have access to the following functions. Use them if required -\n"
+
+
+def render_functions(system_message: str, functions: list[dict[str, Any]]) -> str:
+    """A system message followed by the functions the model may call (OpenAI's `function` objects)."""
+    definitions = "\n\n".join(json.dumps(f, indent=4, ensure_ascii=False) for f in functions)
+    return f"{system_message}\n{FUNCTIONS_PREAMBLE}{definitions}"
+
+
+def render_call(name: str, arguments: Any) -> str:
+    """One function call as the model writes it, markers included."""
+    start, end = FUNCTION_CALL_MARKERS
+    return start + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + end
 
 
 def _role(name: str) -> str:
@@ -96,7 +116,7 @@ def megrez_template(stop_token_ids: list[int] | None = None) -> Conversation:
         name="megrez",
         system_template=_role("system") + "{system_message}" + "<|turn_end|>",
         system_message=MEGREZ_DEFAULT_SYSTEM,
-        roles={"user": _role("user"), "assistant": _role("assistant"), "tool": _role("tool")},
+        roles={"user": _role("user"), "assistant": _role("assistant"), "tool": _role("observation")},
         role_templates={
             "user": "{user_message}",
             "assistant": "{assistant_message}",

@@ -235,3 +235,24 @@ def test_a_running_request_shares_its_prefix_with_a_new_one(model) -> None:
         assert [first.token_ids, second.token_ids] == expected
     finally:
         scheduler.stop()
+
+
+def test_the_sequence_a_request_would_fork_from_is_evicted_when_only_that_makes_room(model) -> None:
+    """A 96-token KV cache (7 pages) holding a finished 80-token sequence: a new 80-token request sharing
+    its first 20 tokens cannot fork from it (the fork needs 5 pages of its own, 1 is free), so the cached
+    sequence goes and the request starts afresh instead of waiting for ever."""
+    reference = Engine(model.model_dir, model.lib, max_batch_size=1)
+    scheduler = cached_scheduler(model, prefix_cache=1, max_total_seq_len=96)
+    try:
+        params = scheduler.engine.default_sampling(temperature=0.0, max_tokens=4, ignore_eos=True)
+        shared = [7 + i % 50 for i in range(20)]
+        first = shared + [100 + i % 40 for i in range(60)]
+        run(scheduler, first, params)
+        assert scheduler.status()["prefix_cache"]["sequences"] == 1
+        second = shared + [150 + i % 30 for i in range(60)]
+        answer, cached = run(scheduler, second, params)
+        assert cached == 0 and answer == reference.generate(second, params).token_ids
+        status = scheduler.status()
+        assert status["requests"]["preempted"] == 0 and status["prefix_cache"]["sequences"] == 1
+    finally:
+        scheduler.stop()

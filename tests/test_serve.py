@@ -14,12 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
+import pydantic
 import pytest
 
+from megrez_mlc.conversation import FUNCTION_CALL_MARKERS, FUNCTIONS_PREAMBLE
 from megrez_mlc.runtime import Engine
 from megrez_mlc.serve.scheduler import Scheduler
 from megrez_mlc.serve.server import MAX_BODY_BYTES, create_app
@@ -30,6 +34,27 @@ TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 90.0
 MODEL_NAME = "tiny-megrez"
 MESSAGES = [{"role": "user", "content": "Hello, how are you today?"}]
+# Small functions: the tiny model has 512 positions, and its 300-token BPE spells JSON nearly byte by byte.
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 5}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "weather", "parameters": WEATHER_PARAMETERS}},
+    {"type": "function", "function": {"name": "now"}},  # no parameters: called with {}
+]
+ARGUMENT_SCHEMAS = {"weather": WEATHER_PARAMETERS, "now": {"type": "object", "maxProperties": 0}}
+TOOL_MESSAGES = [{"role": "system", "content": "Hi"}, {"role": "user", "content": "Weather?"}]
+
+
+def named(function: str) -> dict:
+    return {"type": "function", "function": {"name": function}}
+
+
+def schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
 @dataclass
@@ -388,6 +413,168 @@ def metric_samples(server: Server) -> dict[tuple[str, tuple], float]:
     }
 
 
+# --- structured output and tool calls -----------------------------------------------------------------------
+
+
+class Pet(pydantic.BaseModel):
+    """What `client.chat.completions.parse` turns into a strict json_schema response_format."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    name: Annotated[str, pydantic.Field(max_length=6)]
+    kind: Literal["cat", "dog", "fish"]
+    age: Annotated[int, pydantic.Field(ge=0, le=30)]
+
+
+def test_parse_with_a_pydantic_model_gets_a_valid_instance(server: Server) -> None:
+    """The grammar makes even random weights answer with a valid Pet; streamed, the same text."""
+    client = server.client()
+    reply = client.chat.completions.parse(
+        model=MODEL_NAME, messages=MESSAGES, response_format=Pet, temperature=0, max_tokens=200
+    )
+    pet = reply.choices[0].message.parsed
+    assert isinstance(pet, Pet) and reply.choices[0].finish_reason == "stop"
+    assert Pet.model_validate_json(reply.choices[0].message.content) == pet
+    stream = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=200,
+        stream=True,
+        response_format=schema_format(Pet.model_json_schema() | {"additionalProperties": False}),
+    )
+    text, chunks = stream_text(stream)
+    assert text == reply.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+def test_constrained_and_free_requests_share_a_batch(server: Server, engine: Engine) -> None:
+    """A chat json_schema request, a completion with MLC's `schema` form and a plain chat, at once: each
+    constrained answer validates and equals its answer alone, the plain one equals the Engine's."""
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    client = server.client()
+
+    def chat_json() -> str:
+        reply = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            temperature=0,
+            max_tokens=100,
+            response_format=schema_format(schema),
+        )
+        return reply.choices[0].message.content
+
+    def completion_json() -> str:
+        reply = client.completions.create(
+            model=MODEL_NAME,
+            prompt="A JSON answer:",
+            temperature=0,
+            max_tokens=100,
+            extra_body={"response_format": {"type": "json_object", "schema": json.dumps(schema)}},
+        )
+        return reply.choices[0].text
+
+    def plain() -> str:
+        messages = [{"role": "user", "content": "Say anything."}]
+        return (
+            client.chat.completions.create(model=MODEL_NAME, messages=messages, temperature=0, max_tokens=24)
+            .choices[0]
+            .message.content
+        )
+
+    alone = [chat_json(), completion_json()]
+    jobs = [chat_json, completion_json, plain]
+    results: list = [None] * len(jobs)
+    threads = [
+        threading.Thread(target=lambda k=k: results.__setitem__(k, jobs[k]())) for k in range(len(jobs))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert results[:2] == alone
+    for answer in alone:
+        jsonschema.validate(json.loads(answer), schema)
+    assert results[2] == greedy_chat(engine, [{"role": "user", "content": "Say anything."}], 24).text
+
+
+@pytest.mark.parametrize("choice", ["required", named("weather")])
+def test_a_forced_call_has_arguments_valid_for_its_function(server: Server, choice) -> None:
+    client = server.client()
+    settings = dict(
+        model=MODEL_NAME,
+        messages=TOOL_MESSAGES,
+        tools=TOOLS,
+        tool_choice=choice,
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=120,
+    )
+    reply = client.chat.completions.create(**settings)
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and message.content is None
+    [call] = message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    if choice != "required":
+        assert call.function.name == "weather"
+    jsonschema.validate(json.loads(call.function.arguments), ARGUMENT_SCHEMAS[call.function.name])
+
+    chunks = list(client.chat.completions.create(**settings, stream=True))
+    pieces = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert pieces[0][0].id.startswith("call_") and pieces[0][0].function.name == call.function.name
+    assert "".join(p[0].function.arguments or "" for p in pieces) == call.function.arguments
+    assert {p[0].index for p in pieces} == {0}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_tool_result_round_trip_renders_megrez_turns_and_reuses_the_cache(
+    server: Server, engine: Engine
+) -> None:
+    """The call comes back in the history as the assistant's message and the result as a tool message: the
+    prompt is exactly Megrez's turns for it (the vendor agent's `observation`), and the next request, which
+    repeats that history, starts from the cache with the Engine's greedy answer."""
+    client = server.client()
+    first = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=TOOL_MESSAGES,
+        tools=TOOLS,
+        tool_choice=named("now"),
+        temperature=0,
+        max_tokens=60,
+    )
+    [call] = first.choices[0].message.tool_calls
+    history = [
+        *TOOL_MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"},
+    ]
+    start, end = FUNCTION_CALL_MARKERS
+    functions = "\n\n".join(json.dumps(t["function"], indent=4, ensure_ascii=False) for t in TOOLS)
+    megrez_text = (
+        f"<|role_start|>system<|role_end|>Hi\n{FUNCTIONS_PREAMBLE}{functions}<|turn_end|>"
+        "<|role_start|>user<|role_end|>Weather?<|turn_end|>"
+        f'<|role_start|>assistant<|role_end|>{start}{{"name": "now", "arguments": {{}}}}{end}<|turn_end|>'
+        "<|role_start|>observation<|role_end|>12:00<|turn_end|>"
+        "<|role_start|>assistant<|role_end|>"
+    )
+    prompt_ids = engine.tokenizer.encode(megrez_text)
+    second = client.chat.completions.create(
+        model=MODEL_NAME, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=16
+    )
+    assert second.usage.prompt_tokens == len(prompt_ids)
+    again = client.chat.completions.create(
+        model=MODEL_NAME, messages=history, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=16
+    )
+    assert again.usage.prompt_tokens_details.cached_tokens == len(prompt_ids) - 1
+    params = engine.chat_sampling(engine.default_sampling(temperature=0.0, max_tokens=16))
+    expected = engine.generate(prompt_ids, params).text
+    assert second.choices[0].message.content == again.choices[0].message.content == expected
+
+
 def test_metrics_count_what_a_request_did(server: Server) -> None:
     server.wait_until_idle()
     before = metric_samples(server)
@@ -448,7 +635,57 @@ def test_metrics_count_what_a_request_did(server: Server) -> None:
         ({"model": MODEL_NAME, "messages": MESSAGES, "top_p": 0}, 400, "top_p", None),
         ({"model": MODEL_NAME, "messages": MESSAGES, "stream": "yes"}, 400, "stream", None),
         ({"model": MODEL_NAME, "messages": MESSAGES, "n": 2}, 400, "n", None),
-        ({"model": MODEL_NAME, "messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", None),
+        ({"model": MODEL_NAME, "messages": MESSAGES, "functions": [{"name": "f"}]}, 400, "functions", None),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "tools": [{"type": "function", "function": {}}]},
+            400,
+            "tools.0.function.name",
+            None,
+        ),
+        ({"model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS[:1] * 2}, 400, "tools", None),
+        ({"model": MODEL_NAME, "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice", None),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS, "tool_choice": named("send_mail")},
+            400,
+            "tool_choice",
+            None,
+        ),
+        (
+            {
+                "model": MODEL_NAME,
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [{"function": {"name": "now", "arguments": "{"}}]},
+                ],
+            },
+            400,
+            "messages.1.tool_calls.0.function.arguments",
+            None,
+        ),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "response_format": {"type": "yaml"}},
+            400,
+            "response_format.type",
+            None,
+        ),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "response_format": {"type": "json_schema"}},
+            400,
+            "response_format",
+            None,
+        ),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "response_format": schema_format({"type": "strin"})},
+            400,
+            "response_format",
+            None,
+        ),
+        (
+            {"model": MODEL_NAME, "messages": MESSAGES, "response_format": schema_format({"not": {}})},
+            400,
+            "response_format",
+            None,
+        ),
         (
             {"model": MODEL_NAME, "messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
             400,
@@ -472,6 +709,13 @@ def test_bad_chat_requests_get_openai_errors(server: Server, body, status: int, 
     assert error["message"]
 
 
+def test_a_schema_feature_the_engine_lacks_is_named(server: Server) -> None:
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "response_format": schema_format({"not": {}})}
+    response = server.post("/v1/chat/completions", content=json.dumps(body).encode())
+    assert response.status_code == 400
+    assert 'Unimplemented keys: ["not"]' in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -482,6 +726,10 @@ def test_bad_chat_requests_get_openai_errors(server: Server, body, status: int, 
         ({"model": MODEL_NAME, "prompt": ""}, "prompt"),
         ({"model": MODEL_NAME, "prompt": "x", "echo": True}, "echo"),
         ({"model": MODEL_NAME, "prompt": "x", "logprobs": 21}, "logprobs"),
+        (
+            {"model": MODEL_NAME, "prompt": "x", "response_format": schema_format({"type": "strin"})},
+            "response_format",
+        ),
         ({"model": MODEL_NAME, "prompt": "a \ud800 b"}, "prompt"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from .chat import ChatMessage, ChatSession
 from .engine import Engine, GenerationResult, GenerationStats, PromptTooLong, StreamDelta
+from .grammar import Grammar, GrammarError
 from .sampling import SamplingParams
 from .sequence import Sequence
 
@@ -11,6 +12,8 @@ __all__ = [
     "Engine",
     "GenerationResult",
     "GenerationStats",
+    "Grammar",
+    "GrammarError",
     "PromptTooLong",
     "SamplingParams",
     "Sequence",

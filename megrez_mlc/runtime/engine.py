@@ -11,6 +11,7 @@ server's `Scheduler`, bench) holds `Sequence` handles from `new_sequence`, runs 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
@@ -21,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from ..artifacts.chat_config import read_chat_config
-from ..conversation import Conversation
+from ..conversation import FUNCTION_CALL_MARKERS, Conversation
 from ..errors import MegrezError
+from .grammar import Grammar, GrammarMatcher, GrammarVocabulary
 from .model_lib import PAGE_SIZE, ModelLibrary, pages_for
-from .request import GenerationStats, Request, StreamDelta
+from .request import CallMarkers, GenerationStats, Request, StreamDelta
 from .sampling import SamplingParams
 from .sequence import Sequence
 from .tokenizer import Tokenizer, check_text
@@ -75,6 +77,8 @@ class Engine:
             max_sequences=max_sequences,
         )
         self.conversation = Conversation.from_json(self.chat_config.conv_template)
+        self._grammar_vocabulary: GrammarVocabulary | None = None  # built on first use, under the lock
+        self._grammar_lock = threading.Lock()
 
     # --- settings ------------------------------------------------------------------------------------------
 
@@ -208,7 +212,29 @@ class Engine:
             limit,
             index=index,
             seed=None if params.seed is None else params.seed + index,
+            matcher=self.grammar_matcher(params.grammar) if params.grammar else None,
+            call_markers=self.call_markers() if params.tool_calls else None,
         )
+
+    def grammar_matcher(self, grammar: Grammar) -> GrammarMatcher:
+        """A parse state for `grammar` over this model's vocabulary (a GrammarError if it cannot be used).
+        Safe from any thread; the first call builds the grammar engine's view of the tokenizer."""
+        with self._grammar_lock:
+            if self._grammar_vocabulary is None:
+                self._grammar_vocabulary = GrammarVocabulary(
+                    self.tokenizer.to_json(), self.vocab_size, list(self.conversation.stop_token_ids)
+                )
+        return self._grammar_vocabulary.matcher(grammar)
+
+    def call_markers(self) -> CallMarkers:
+        """The tokens around a function call in answers (an error if this model's tokenizer lacks them)."""
+        start, end = (self.tokenizer.token_to_id(marker) for marker in FUNCTION_CALL_MARKERS)
+        if start is None or end is None:
+            raise MegrezError(
+                f"this model's tokenizer has no {' and '.join(FUNCTION_CALL_MARKERS)} tokens, so it cannot "
+                "call functions; leave out tools"
+            )
+        return CallMarkers(start, end, FUNCTION_CALL_MARKERS[0])
 
     def run_requests(self, requests: list[Request], sequences: list[Sequence]) -> Iterator[StreamDelta]:
         """Generate requests[i] in sequences[i]: prefill each prompt after the tokens its sequence already

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .grammar import GrammarMatcher
 from .sampling import SamplingParams, TokenLogprob, sample_token, token_logprob
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
@@ -55,6 +56,16 @@ class StreamDelta:
     token_id: int | None
     finish_reason: str | None = None
     logprob: TokenLogprob | None = None  # of token_id, when the request asked for logprobs
+    tool_call: str | None = None  # a function call's text, between its markers, when one ended here
+
+
+@dataclass(frozen=True)
+class CallMarkers:
+    """The tokens a chat format writes around a function call (Megrez's <|function_start|>, ..._end|>)."""
+
+    start: int
+    end: int
+    start_text: str  # how an unfinished call shows in the text
 
 
 class StopStringMatcher:
@@ -109,6 +120,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (stop token or string) or "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    matcher: GrammarMatcher | None = None  # the grammar's parse state, when the answer must match one
+    call_markers: CallMarkers | None = None  # when function calls are parsed out of the answer
+    call_ids: list[int] | None = None  # the tokens of a function call being written
 
     @classmethod
     def create(
@@ -120,6 +134,8 @@ class Request:
         *,
         index: int = 0,
         seed: int | None = None,
+        matcher: GrammarMatcher | None = None,
+        call_markers: CallMarkers | None = None,
     ) -> Request:
         """A request for a prompt shorter than `max_sequence_length`, the most tokens its sequence may hold
         (`Engine.new_request` checks that)."""
@@ -131,6 +147,8 @@ class Request:
             StreamingDetokenizer(tokenizer),
             StopStringMatcher(params.stop),
             index=index,
+            matcher=matcher,
+            call_markers=call_markers,
         )
 
     def step(self, logits: np.ndarray) -> StreamDelta:
@@ -139,22 +157,54 @@ class Request:
         p = self.params
         if len(self.output_ids) >= self.max_new_tokens:
             return self._finish("length", None)
-        token = sample_token(logits, p, self.rng, (*self.prompt_ids, *self.output_ids))
-        if token in p.stop_token_ids and not p.ignore_eos:
+        allowed = self.matcher.mask(logits) if self.matcher else logits
+        token = sample_token(allowed, p, self.rng, (*self.prompt_ids, *self.output_ids))
+        # A stop token ends the answer, unless ignore_eos; with a grammar only where the grammar allows it.
+        if token in p.stop_token_ids and (self.matcher is not None or not p.ignore_eos):
             return self._finish("stop", None)
         self.output_ids.append(token)
         logprob = token_logprob(logits, token, p.top_logprobs) if p.logprobs else None
-        text, stopped = self.stops.feed(self.detokenizer.put(token))
-        if stopped:
-            self.finish_reason = "stop"
-            return StreamDelta(self.index, text, token, "stop", logprob)
+        if self.matcher:
+            self.matcher.accept(token)
+        text, call, stopped = self._text_of(token)
+        if stopped or (self.matcher and self.matcher.finished):
+            return self._finish("stop", token, text, logprob, call)
         if len(self.output_ids) >= self.max_new_tokens:
-            return self._finish("length", token, text, logprob)
-        return StreamDelta(self.index, text, token, logprob=logprob)
+            return self._finish("length", token, text, logprob, call)
+        return StreamDelta(self.index, text, token, logprob=logprob, tool_call=call)
+
+    def _text_of(self, token: int) -> tuple[str, str | None, bool]:
+        """What a new token adds: final text, a function call's text (when it ends one), and whether a stop
+        string (or, without parallel calls, the end of a call) ends the answer."""
+        markers = self.call_markers
+        if markers and self.call_ids is not None:  # inside a call: its tokens are not the answer's text
+            if token != markers.end:
+                self.call_ids.append(token)
+                return "", None, False
+            call, self.call_ids = self.detokenizer.tokenizer.decode(self.call_ids), None
+            return "", call, not self.params.parallel_tool_calls
+        if markers and token == markers.start:
+            # The text before the call is complete: what was held back (a stop string's start?) goes out.
+            text, stopped = self.stops.feed(self.detokenizer.flush())
+            if not stopped:
+                self.call_ids = []
+                text += self.stops.flush()
+            return text, None, stopped
+        text, stopped = self.stops.feed(self.detokenizer.put(token))
+        return text, None, stopped
 
     def _finish(
-        self, reason: str, token: int | None, text: str = "", logprob: TokenLogprob | None = None
+        self,
+        reason: str,
+        token: int | None,
+        text: str = "",
+        logprob: TokenLogprob | None = None,
+        call: str | None = None,
     ) -> StreamDelta:
+        if self.call_ids is not None:  # a call cut off before its end marker is text, as the model wrote it
+            markers = self.call_markers
+            text += markers.start_text + self.detokenizer.tokenizer.decode(self.call_ids)  # type: ignore[union-attr]
+            self.call_ids = None
         tail, stopped = self.stops.feed(self.detokenizer.flush())
         self.finish_reason = "stop" if stopped else reason
         return StreamDelta(
@@ -163,4 +213,5 @@ class Request:
             token,
             self.finish_reason,
             logprob,
+            call,
         )

@@ -10,6 +10,7 @@ from numbers import Integral, Real
 import numpy as np
 
 from ..errors import MegrezError
+from .grammar import Grammar
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # each sampled token's log-probability, and its `top_logprobs` likeliest rivals
     top_logprobs: int = 0
+    grammar: Grammar | None = None  # what the answer must match (Grammar.json_schema(...)); it ends with it
+    # The answer may call functions in the chat format's markers: each call's text comes apart from the
+    # answer's text (StreamDelta.tool_call); without parallel calls the answer ends after the first.
+    tool_calls: bool = False
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         for name in SAMPLING_RANGES:

@@ -72,6 +72,10 @@ class Tokenizer:
             return bytes(_BYTE_OF_CHAR[c] for c in piece)
         return self.token_text(token_id).encode("utf-8")
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json holds it."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

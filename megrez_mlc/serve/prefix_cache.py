@@ -67,7 +67,6 @@ class PrefixCache:
         best = PrefixMatch()
         if self.capacity == 0:
             return best
-        self.lookups += 1
         limit = len(prompt_ids) - 1
         for entry, cached in [(e, True) for e in self._entries.values()] + [(e, False) for e in running]:
             shared = common_prefix_length(prompt_ids, entry.tokens)
@@ -75,9 +74,13 @@ class PrefixCache:
             if length > best.length:
                 adopt = cached and length == len(entry.tokens)
                 best = PrefixMatch(entry.sequence, length, adopt)
-        if best.length:
-            self.hits += 1
         return best
+
+    def record(self, match: PrefixMatch) -> None:
+        """Count a request's lookup, and whether it found a prefix, for the hit rate."""
+        if self.capacity:
+            self.lookups += 1
+            self.hits += bool(match.length)
 
     def take(self, match: PrefixMatch) -> Sequence:
         """The new request's sequence for a match: the source itself (out of the cache) or a fork of it."""
@@ -100,12 +103,18 @@ class PrefixCache:
 
     def evict_oldest(self, keep: Sequence | None = None) -> bool:
         """Free the least recently used sequence other than `keep`; False when there is none."""
-        for seq_id, entry in self._entries.items():
+        for entry in self._entries.values():
             if entry.sequence is not keep:
-                del self._entries[seq_id]
-                entry.sequence.close()
-                return True
+                return self.evict(entry.sequence)
         return False
+
+    def evict(self, sequence: Sequence | None) -> bool:
+        """Free a cached sequence; False when it is not in the cache (a running one, or None)."""
+        entry = self._entries.pop(sequence.id, None) if sequence is not None else None
+        if entry is None:
+            return False
+        entry.sequence.close()
+        return True
 
     def clear(self) -> None:
         while self.evict_oldest():

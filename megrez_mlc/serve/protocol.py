@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies (the fields this server honours) and its error objects.
 
 Bodies are validated strictly: a field of the wrong type ("max_tokens": "5"), a value out of range or a
-feature this server does not have (n > 1, tools, echo...) is a 400 with the field named, never
+feature this server does not have (n > 1, echo, logit_bias...) is a 400 with the field named, never
 silently ignored. Fields that do not change the answer (user, metadata...) and unknown fields are ignored,
 as OpenAI's clients send some. Extensions beyond OpenAI's fields, as vLLM and MLC-LLM accept them:
 top_k, repetition_penalty, ignore_eos.
@@ -54,9 +54,7 @@ def validation_error(err: ValidationError) -> APIError:
 
 # Fields that would change the answer in ways this server cannot honour, with the value that is harmless.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
+    "functions": (None, []),  # the API's old names for tools and tool_choice
     "function_call": (None, "none", "auto"),
     "logit_bias": (None, {}),
     "echo": (None, False),
@@ -83,6 +81,7 @@ class RequestBody(BaseModel):
     top_k: Annotated[int, Field(ge=0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -103,6 +102,38 @@ class RequestBody(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, JSON mode, or JSON valid against `json_schema.schema`; MLC-LLM's
+    form puts the schema (an object or its text) in `schema` directly."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+    schema_: dict[str, Any] | str | None = Field(None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.wanted_schema() is None:
+            raise APIError(
+                400, 'a "json_schema" response_format needs json_schema.schema', param="response_format"
+            )
+        return self
+
+    def wanted_schema(self) -> dict[str, Any] | str | None:
+        """The schema the answer must match; None for any JSON object (or plain text)."""
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return self.schema_
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
@@ -114,15 +145,64 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI returns it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None only in an assistant message with tool calls
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls; a tool message answers one of them
 
-    def as_template_message(self) -> dict[str, str]:
-        """{"role", "content"} for the conversation template; "developer" is OpenAI's newer "system"."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise APIError(400, f"a {self.role} message needs content", param="messages")
+        return self
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: Annotated[str, Field(pattern=FUNCTION_NAME)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(RequestBody):
@@ -130,11 +210,34 @@ class ChatCompletionRequest(RequestBody):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, 'top_logprobs needs "logprobs": true', param="top_logprobs")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) < len(names):
+            raise APIError(400, "tools: two functions have the same name", param="tools")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not names:
+            raise APIError(400, "tool_choice needs tools to choose from", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise APIError(
+                400,
+                f"tool_choice names the function {choice.function.name!r}, which is not in tools "
+                f"({', '.join(names)})",
+                param="tool_choice",
+            )
+        forced = choice not in (None, "none", "auto")
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise APIError(
+                400,
+                "response_format cannot be combined with a tool_choice that forces a call",
+                param="response_format",
+            )
         return self
 
     @property

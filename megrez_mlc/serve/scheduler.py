@@ -237,21 +237,29 @@ class Scheduler:
         """Oldest first (a big request is never overtaken for good): a free slot and the pages to prefill it
         plus one decode step, after the pages the running requests still need for theirs; cached sequences
         are evicted to make that room. A request starts from the longest prefix of its tokens in the cache."""
-        engine = self.engine
         reserved = sum(self._pages_for_next_step(t) for t in self._running)
         with self._cond:
             while self._waiting and len(self._running) < self.max_num_sequence:
                 ticket = self._waiting[0]
-                match = self.prefix_cache.match(ticket.pending, self._running_prefixes())
-                while self._pages_to_start(ticket, match) > engine.free_pages() - reserved:
-                    if not self.prefix_cache.evict_oldest(keep=match.source):
-                        break
-                if self._pages_to_start(ticket, match) > engine.free_pages() - reserved:
+                match = self._room_to_start(ticket, reserved)
+                if match is None:
                     break
                 reserved += self._pages_to_start(ticket, match)
                 self._waiting.popleft()
                 self._start(ticket, match)
                 self._running.append(ticket)
+
+    def _room_to_start(self, ticket: Ticket, reserved: int) -> PrefixMatch | None:
+        """The prefix a waiting request starts from, once the free pages less `reserved` can start it
+        (cached sequences evicted, least recently used first, the one it would fork from last; then it
+        starts from the next best prefix, or none); None: it has to wait."""
+        cache = self.prefix_cache
+        while True:
+            match = cache.match(ticket.pending, self._running_prefixes())
+            if self._pages_to_start(ticket, match) <= self.engine.free_pages() - reserved:
+                return match
+            if not (cache.evict_oldest(keep=match.source) or cache.evict(match.source)):
+                return None
 
     def _pages_to_start(self, ticket: Ticket, match: PrefixMatch) -> int:
         """Pages a waiting request takes for its prompt and one decode step: a fork starts with a copy of
@@ -268,6 +276,7 @@ class Scheduler:
         else:
             ticket.sequence = self.engine.new_sequence()
         if not ticket.admitted_at:  # a request preempted and admitted again counts what it reused first
+            self.prefix_cache.record(match)
             ticket.admitted_at = time.perf_counter()
             ticket.cached_tokens = match.length
             self._metrics.prompt_tokens += len(ticket.request.prompt_ids)

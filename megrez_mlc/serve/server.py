@@ -34,11 +34,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MegrezError
 from ..runtime.engine import PromptTooLong
+from ..runtime.grammar import Grammar, GrammarError
 from ..runtime.request import StreamDelta
 from ..runtime.sampling import SamplingParams, TokenLogprob
 from .logprobs import chat_logprobs, completion_logprobs
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, RequestBody, validation_error
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestBody,
+    ResponseFormat,
+    validation_error,
+)
 from .scheduler import QueueFull, Scheduler, Ticket
+from .tools import forced_call_grammar, parse_call, template_messages, unparsed_call
 
 log = logging.getLogger("megrez_mlc")
 
@@ -104,11 +113,13 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
                 code="model_not_found",
             )
 
-    def sampling(body: RequestBody) -> SamplingParams:
+    def sampling(body: RequestBody, grammar: Grammar | None = None, **tools: bool) -> SamplingParams:
         """The request's settings over the model's defaults (mlc-chat-config.json)."""
         logprobs, top_logprobs = body.logprob_settings
         try:
             return engine.default_sampling(
+                grammar=grammar,
+                **tools,
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
                 max_tokens=body.token_limit or engine.max_single_sequence_length,
@@ -127,10 +138,16 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
     async def chat_completions(request: Request) -> Any:
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model)
-        messages = [m.as_template_message() for m in body.messages]
+        messages = template_messages(body, engine.conversation.system_message)
         prompt_ids = await _tokenize(engine.encode_chat, messages, "messages")
-        params = engine.chat_sampling(sampling(body))
-        return await _answer(request, body, prompt_ids, params, "chat.completion", "chatcmpl")
+        forced_call = forced_call_grammar(body)
+        grammar = forced_call or response_grammar(body.response_format)
+        calls = bool(body.tools) and body.tool_choice != "none"
+        params = sampling(body, grammar, tool_calls=calls, parallel_tool_calls=body.parallel_tool_calls)
+        answer = _Answer(scheduler, "chat.completion", "chatcmpl", model_name)
+        answer.function_names = [tool.function.name for tool in body.tools or []] if calls else []
+        grammar_param = "tools" if forced_call else "response_format"
+        return await _answer(request, body, answer, prompt_ids, engine.chat_sampling(params), grammar_param)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -139,17 +156,19 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         prompt = body.prompt
         if isinstance(prompt, str):
             prompt = await _tokenize(engine.tokenizer.encode, prompt, "prompt")
-        return await _answer(request, body, prompt, sampling(body), "text_completion", "cmpl")
+        params = sampling(body, response_grammar(body.response_format))
+        answer = _Answer(scheduler, "text_completion", "cmpl", model_name)
+        return await _answer(request, body, answer, prompt, params, "response_format")
 
     async def _answer(
         request: Request,
         body: RequestBody,
+        answer: _Answer,
         prompt_ids: list[int],
         params: SamplingParams,
-        kind: str,
-        prefix: str,
+        grammar_param: str,
     ) -> Any:
-        answer = _Answer(scheduler, prompt_ids, params, kind, f"{prefix}-{uuid.uuid4().hex}", model_name)
+        await answer.submit(prompt_ids, params, grammar_param)
         if body.stream:
             return StreamingResponse(answer.events(body.include_usage), media_type="text/event-stream")
         return await answer.whole(request)
@@ -157,34 +176,47 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
     return app
 
 
+def response_grammar(response_format: ResponseFormat | None) -> Grammar | None:
+    """The grammar a `response_format` asks for: None for text, any JSON object, or a JSON schema."""
+    if response_format is None or response_format.type == "text":
+        return None
+    schema = response_format.wanted_schema()
+    try:
+        return Grammar.json_object() if schema is None else Grammar.json_schema(schema)
+    except GrammarError as err:
+        raise APIError(400, f"response_format: {err}", param="response_format") from None
+
+
 class _Answer:
     """One request's deltas, carried from the engine thread onto the event loop, as OpenAI's objects."""
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        kind: str,
-        answer_id: str,
-        model_name: str,
-    ) -> None:
+    def __init__(self, scheduler: Scheduler, kind: str, prefix: str, model_name: str) -> None:
         self.loop = asyncio.get_running_loop()
         self.deltas: asyncio.Queue[StreamDelta] = asyncio.Queue()
         self.scheduler = scheduler
-        self.params = params
         self.sent_ids: list[int] = []  # tokens whose logprobs have gone out (a completion's text offsets)
-        self.kind, self.id, self.model_name = kind, answer_id, model_name
+        self.function_names: list[str] = []  # the functions the answer may call
+        self.calls = 0  # tool calls parsed so far
+        self.kind, self.id, self.model_name = kind, f"{prefix}-{uuid.uuid4().hex}", model_name
         self.created = int(time.time())
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, grammar_param: str) -> None:
+        """Queue the request (on a worker thread: compiling a grammar can take a while); errors are 4xx."""
+        self.params = params
         try:
-            self.ticket: Ticket = scheduler.submit(prompt_ids, params, self._put)
+            submit = self.scheduler.submit
+            self.ticket: Ticket = await asyncio.to_thread(submit, prompt_ids, params, self._put)
         except QueueFull as err:
             raise APIError(
                 429, str(err), type="rate_limit_exceeded", headers={"Retry-After": str(err.retry_after)}
             ) from None
+        except GrammarError as err:
+            raise APIError(
+                400, f"{grammar_param}: the grammar engine cannot use this schema: {err}", param=grammar_param
+            ) from None
         except MegrezError as err:
             code = "context_length_exceeded" if isinstance(err, PromptTooLong) else None
-            param = "messages" if kind == "chat.completion" else "prompt"
+            param = "messages" if self.kind == "chat.completion" else "prompt"
             raise APIError(400, str(err), param=param, code=code) from None
 
     def _put(self, delta: StreamDelta) -> None:  # on the engine thread
@@ -206,7 +238,7 @@ class _Answer:
 
     async def whole(self, request: Request) -> dict[str, Any]:
         """The complete answer (cancelled if the client goes away while waiting)."""
-        text, logprobs = [], []
+        text, logprobs, calls = [], [], []
         try:
             while True:
                 try:
@@ -216,7 +248,9 @@ class _Answer:
                         self.scheduler.cancel(self.ticket)
                         raise APIError(499, "the client closed the connection") from None
                     continue
-                text.append(delta.text)
+                content, parsed = self._split(delta)
+                text.append(content)
+                calls += parsed
                 logprobs += [delta.logprob] if delta.logprob else []
                 if delta.finish_reason is not None:
                     break
@@ -225,11 +259,8 @@ class _Answer:
             raise
         if delta.finish_reason not in ("stop", "length"):
             raise self._failure()
-        return {
-            **self._head(),
-            "choices": [self._choice("".join(text), delta.finish_reason, self._logprobs(logprobs))],
-            "usage": self.usage,
-        }
+        choice = self._choice("".join(text), self._finish_reason(delta), self._logprobs(logprobs), calls)
+        return {**self._head(), "choices": [choice], "usage": self.usage}
 
     async def events(self, include_usage: bool) -> AsyncIterator[str]:
         """Server-Sent Events: a chunk per text delta, the finish reason, usage if asked, then [DONE]."""
@@ -244,9 +275,15 @@ class _Answer:
                     yield _sse(self._failure().body)
                     return
                 logprobs += [delta.logprob] if delta.logprob else []
-                if delta.text or finished:
-                    content = {"content": delta.text} if delta.text else {}
-                    yield _sse(self._chunk(content, delta.finish_reason, self._logprobs(logprobs)))
+                text, calls = self._split(delta)
+                for call in calls:  # as OpenAI streams a call: its id and name, then its arguments
+                    head = {**call, "function": {"name": call["function"]["name"], "arguments": ""}}
+                    yield _sse(self._chunk({"tool_calls": [head]}, None))
+                    rest = {"index": call["index"], "function": {"arguments": call["function"]["arguments"]}}
+                    yield _sse(self._chunk({"tool_calls": [rest]}, None))
+                if text or finished:
+                    content = {"content": text} if text else {}
+                    yield _sse(self._chunk(content, self._finish_reason(delta), self._logprobs(logprobs)))
                     logprobs = []
             if include_usage:
                 yield _sse({**self._head(chunk=True), "choices": [], "usage": self.usage})
@@ -254,6 +291,21 @@ class _Answer:
         finally:
             if not finished:  # the client went away (or the server is stopping): free the sequence now
                 self.scheduler.cancel(self.ticket)
+
+    def _split(self, delta: StreamDelta) -> tuple[str, list[dict[str, Any]]]:
+        """A delta's text and the tool calls it ends (with their index in the answer); a call that does not
+        parse is text."""
+        if delta.tool_call is None:
+            return delta.text, []
+        call = parse_call(delta.tool_call, self.function_names)
+        if call is None:
+            return delta.text + unparsed_call(delta.tool_call), []
+        self.calls += 1
+        return delta.text, [{"index": self.calls - 1, **call}]
+
+    def _finish_reason(self, delta: StreamDelta) -> str | None:
+        """OpenAI's: an answer that stopped after calling functions finished with "tool_calls"."""
+        return "tool_calls" if delta.finish_reason == "stop" and self.calls else delta.finish_reason
 
     def _head(self, chunk: bool = False) -> dict[str, Any]:
         kind = self.kind + (".chunk" if chunk and self.kind == "chat.completion" else "")
@@ -270,14 +322,20 @@ class _Answer:
         self.sent_ids += [entry.token_id for entry in entries]
         return shaped
 
-    def _choice(self, text: str, finish_reason: str | None, logprobs: Any) -> dict[str, Any]:
+    def _choice(
+        self, text: str, finish_reason: str | None, logprobs: Any, calls: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         if self.kind == "chat.completion":
-            message = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:  # OpenAI leaves out the content of an answer that only calls
+                message |= {"content": text if text.strip() else None, "tool_calls": calls}
+                for call in calls:
+                    del call["index"]
             return {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _chunk(
-        self, delta: dict[str, str], finish_reason: str | None, logprobs: Any = None
+        self, delta: dict[str, Any], finish_reason: str | None, logprobs: Any = None
     ) -> dict[str, Any]:
         if self.kind == "chat.completion":
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
