@@ -2,7 +2,7 @@
 come next, and every other token's logit is set to -inf before sampling.
 
 The grammar engine is llguidance (Rust, no dependencies): a `GrammarVocabulary` holds its view of the
-tokenizer (built once per model, about a second for a 122,880-token vocabulary), a `GrammarMatcher` one
+tokenizer (built once per model, on the first constrained request), a `GrammarMatcher` one
 request's parse state, which advances with each sampled token. A request ends when its grammar does.
 """
 
