@@ -55,15 +55,13 @@ MEGREZ_SPECIAL_IDS = (
 )  # fmt: skip
 
 
-def full_vocab_tokenizer(vocab_size: int) -> str:
-    """tokenizer.json: the tiny byte-level BPE, filler words (`Ġw<id>`, " w<id>" as text) up to
-    `vocab_size`, Megrez's special tokens at their real ids."""
-    data = json.loads(build_tokenizer().to_str())
+def at_megrez_ids(data: dict) -> dict:
+    """tokenizer.json data with Megrez's special tokens moved to their real ids, in the model's vocabulary
+    too (the tokenizers library keeps an added token's id only when the vocabulary has it there); the ids
+    between them stay free."""
     vocab = {token: i for token, i in data["model"]["vocab"].items() if token not in MEGREZ_SPECIAL_TOKENS}
     special = dict(zip(MEGREZ_SPECIAL_TOKENS, MEGREZ_SPECIAL_IDS))
-    taken = set(vocab.values()) | set(special.values())
-    vocab |= {f"Ġw{i}": i for i in range(vocab_size) if i not in taken}
-    data["model"]["vocab"] = vocab
+    data["model"]["vocab"] = vocab | special
     data["added_tokens"] = [
         {
             "id": special[token],
@@ -76,6 +74,15 @@ def full_vocab_tokenizer(vocab_size: int) -> str:
         }
         for token in MEGREZ_SPECIAL_TOKENS
     ]
+    return data
+
+
+def full_vocab_tokenizer(vocab_size: int) -> str:
+    """tokenizer.json: the tiny byte-level BPE, Megrez's special tokens at their real ids, filler words
+    (`Ġw<id>`, " w<id>" as text) at every other id up to `vocab_size`."""
+    data = at_megrez_ids(json.loads(build_tokenizer().to_str()))
+    taken = set(data["model"]["vocab"].values())
+    data["model"]["vocab"] |= {f"Ġw{i}": i for i in range(vocab_size) if i not in taken}
     return json.dumps(data, ensure_ascii=False)
 
 

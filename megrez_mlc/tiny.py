@@ -9,6 +9,7 @@ one KV head.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,9 @@ class TinyShape:
     rms_norm_eps: float = 1e-5
 
 
-def build_tokenizer(bpe_vocab: int = 300):
-    """Train a byte-level BPE on the text above and add Megrez's special tokens (deterministic)."""
+def build_tokenizer(bpe_vocab: int = 300, texts: Iterable[str] | None = None):
+    """Train a byte-level BPE on `texts` (the text above by default) and add Megrez's special tokens after
+    it (deterministic)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -81,7 +83,7 @@ def build_tokenizer(bpe_vocab: int = 300):
     trainer = trainers.BpeTrainer(
         vocab_size=bpe_vocab, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator(TRAINING_TEXT.splitlines() if texts is None else texts, trainer=trainer)
     tokenizer.add_special_tokens(list(MEGREZ_SPECIAL_TOKENS))
     return tokenizer
 

@@ -8,6 +8,7 @@ tied embeddings, tokenizer.json), which is then converted, compiled and run like
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from megrez_mlc.artifacts.schemes import get_scheme
-from megrez_mlc.runtime import Engine, SamplingParams
+from megrez_mlc.runtime import Engine, Grammar, SamplingParams
 from megrez_mlc.runtime.model_lib import ModelLibrary
 
 from .conftest import build, reference_model
@@ -196,3 +197,46 @@ def test_the_cpu_defaults_keep_the_trained_models_perplexity(smollm2_built) -> N
     exact_ppl = perplexity(exact, tokens)
     assert abs(perplexity(exact_float16_cache, tokens) / exact_ppl - 1) < 1e-3
     assert abs(perplexity(default, tokens) / exact_ppl - 1) < 0.015
+
+
+JSON_QUESTION = "Give me a JSON object with the name and age of a person called Tom who is 30."
+JSON_PROMPT = f"Q: {JSON_QUESTION}\nA: "
+
+
+def test_json_mode_makes_the_trained_model_answer_in_json(smollm2_built, tmp_path: Path) -> None:
+    """Left free, the model wraps its JSON in a Markdown fence, which is no JSON document; in JSON mode it
+    writes just the object, through the Python API and the server (openai client: completions streamed
+    and not, chat)."""
+    from .test_serve import MODEL_NAME, serving
+
+    model = smollm2_built("q0f32")
+    engine = Engine(model.model_dir, model.lib)
+    stops = engine.default_sampling().stop_token_ids
+    greedy = SamplingParams(max_tokens=120, temperature=0.0, stop_token_ids=stops)
+    free = engine.generate(JSON_PROMPT, greedy).text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free)
+    answer = engine.generate(JSON_PROMPT, dataclasses.replace(greedy, grammar=Grammar.json_object()))
+    assert answer.finish_reason == "stop" and json.loads(answer.text) == {"name": "Tom", "age": 30}
+    with serving(model, tmp_path) as server:
+        client = server.client()
+        request = {
+            "model": MODEL_NAME,
+            "prompt": JSON_PROMPT,
+            "temperature": 0,
+            "max_tokens": 120,
+            "extra_body": {"response_format": {"type": "json_object"}},
+        }
+        reply = client.completions.create(**request)
+        chunks = client.completions.create(**request, stream=True)
+        streamed = "".join(chunk.choices[0].text for chunk in chunks)
+        chat = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": JSON_QUESTION}],
+            temperature=0,
+            max_tokens=120,
+            response_format={"type": "json_object"},
+        )
+    assert reply.choices[0].text == streamed == answer.text and reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(chat.choices[0].message.content), dict)  # in Megrez's chat format, too
+    assert chat.choices[0].finish_reason == "stop"

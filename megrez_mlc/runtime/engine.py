@@ -222,7 +222,7 @@ class Engine:
         with self._grammar_lock:
             if self._grammar_vocabulary is None:
                 self._grammar_vocabulary = GrammarVocabulary(
-                    self.tokenizer.to_json(), self.vocab_size, list(self.conversation.stop_token_ids)
+                    self.tokenizer, self.vocab_size, list(self.conversation.stop_token_ids)
                 )
         return self._grammar_vocabulary.matcher(grammar)
 

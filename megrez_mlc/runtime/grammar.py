@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from llguidance import LLMatcher, LLTokenizer
+from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 
 from ..errors import MegrezError
+from .tokenizer import Tokenizer
 
 # Whitespace a JSON answer may put between tokens: none, one space, or a newline and an indent (as pretty
 # printers write), bounded so that a weak model cannot fill its whole budget with blanks.
@@ -61,12 +62,19 @@ def _json_grammar(schema: dict[str, Any]) -> str:
 
 
 class GrammarVocabulary:
-    """The grammar engine's view of one model's tokenizer: token bytes, the logits' width, the stop tokens
-    a finished grammar allows."""
+    """The grammar engine's view of one model's tokenizer: each id's bytes as the runtime's tokenizer has
+    them, the logits' width, the stop tokens a finished grammar allows."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: list[int]) -> None:
+        # Handed over id by id rather than as tokenizer.json: llguidance counts a file's tokens and reads
+        # ids only up to that count, so a special token after a gap in the ids (Megrez's named ones sit at
+        # 120000-05, 120014-16 and 120020-25) would be unknown to it.
         self.vocab_size = vocab_size
-        self._tokenizer = LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=stop_token_ids)
+        self._tokenizer = LLTokenizer(
+            TokenizerWrapper(_TokenTable(tokenizer, vocab_size, stop_token_ids[0])),
+            n_vocab=vocab_size,
+            eos_token=stop_token_ids,
+        )
 
     def matcher(self, grammar: Grammar) -> GrammarMatcher:
         """A fresh parse state for `grammar`; a GrammarError says what in it the engine cannot use."""
@@ -74,6 +82,21 @@ class GrammarVocabulary:
         if matcher.is_error():
             raise GrammarError(" ".join(matcher.get_error().split()))
         return GrammarMatcher(matcher, self.vocab_size)
+
+
+class _TokenTable:
+    """What llguidance reads from a tokenizer: every id's bytes (empty where no token is), which ids are
+    special tokens (matched only by name in a grammar, never as text), and a way to encode text."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_id: int) -> None:
+        self.tokens = [tokenizer.token_bytes(i) for i in range(vocab_size)]
+        self.special_token_ids = sorted(i for i in tokenizer.special_token_ids() if i < vocab_size)
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = None  # Megrez has none
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
 
 
 class GrammarMatcher:

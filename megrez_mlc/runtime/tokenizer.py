@@ -68,13 +68,15 @@ class Tokenizer:
         """The UTF-8 bytes a token stands for, also when they are part of a character: a byte-level BPE's
         token string, mapped back through its byte alphabet."""
         piece = self._tok.id_to_token(token_id)
-        if self._byte_level and piece is not None and all(c in _BYTE_OF_CHAR for c in piece):
+        if piece is None:
+            return b""  # an id the tokenizer does not use (a gap, or a row past its vocabulary)
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
             return bytes(_BYTE_OF_CHAR[c] for c in piece)
         return self.token_text(token_id).encode("utf-8")
 
-    def to_json(self) -> str:
-        """The tokenizer as tokenizer.json holds it."""
-        return self._tok.to_str()
+    def special_token_ids(self) -> list[int]:
+        """The ids of the tokens marked special (control tokens such as the chat markers)."""
+        return [i for i, token in self._tok.get_added_tokens_decoder().items() if token.special]
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

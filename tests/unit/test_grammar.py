@@ -15,6 +15,7 @@ from megrez_mlc.runtime.grammar import Grammar, GrammarError, GrammarVocabulary
 from megrez_mlc.runtime.request import Request
 from megrez_mlc.runtime.sampling import SamplingParams
 from megrez_mlc.runtime.tokenizer import Tokenizer
+from megrez_mlc.tiny import MEGREZ_SPECIAL_TOKENS, build_tokenizer
 
 EXTRA_ROWS = 7  # logits wider than the tokenizer, as in the tiny model: ids no token has are never allowed
 
@@ -55,7 +56,7 @@ SCHEMAS = [
 @pytest.fixture(scope="module")
 def vocabulary(tokenizer: Tokenizer) -> GrammarVocabulary:
     stops = [tokenizer.token_to_id(token) for token in MEGREZ_STOP_TOKENS[:2]]
-    return GrammarVocabulary(tokenizer.to_json(), tokenizer.vocab_size + EXTRA_ROWS, stops)
+    return GrammarVocabulary(tokenizer, tokenizer.vocab_size + EXTRA_ROWS, stops)
 
 
 def constrained(tokenizer: Tokenizer, vocabulary: GrammarVocabulary, grammar: Grammar, seed: int) -> Request:
@@ -109,6 +110,34 @@ def test_a_json_object_grammar_ends_the_answer_at_its_closing_brace(tokenizer, v
     deltas = [request.step(one_hot(vocabulary.vocab_size, token)) for token in brace]
     assert "".join(d.text for d in deltas) == "{}"
     assert [d.finish_reason for d in deltas] == [None, "stop"] and request.output_ids == brace
+
+
+def test_special_tokens_after_gaps_in_the_ids_keep_their_ids(tmp_path) -> None:
+    """Special tokens at Megrez's ids relative to the first one (120000-05, 120014-16, 120020-25) with the
+    ids between them free: a call's markers and a stop token are masked under the ids the tokenizer gives
+    them, and the free ids are never allowed."""
+    data = json.loads(build_tokenizer().to_str())
+    first = len(data["model"]["vocab"])
+    offsets = [0, 1, 2, 3, 4, 5, 14, 15, 16, 20, 21, 22, 23, 24, 25]  # Megrez's, from its first special id
+    special = {token: first + offset for token, offset in zip(MEGREZ_SPECIAL_TOKENS, offsets, strict=True)}
+    data["model"]["vocab"] |= special
+    for added in data["added_tokens"]:
+        added["id"] = special[added["content"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    gapped = Tokenizer(tmp_path)
+    markers = ("<|function_start|>", "<|function_end|>", "<|turn_end|>")
+    start, end, turn_end = (gapped.token_to_id(marker) for marker in markers)
+    assert (start, end, turn_end) == (first + 23, first + 24, first + 5)
+    vocabulary = GrammarVocabulary(gapped, first + 26 + EXTRA_ROWS, [turn_end])
+    matcher = vocabulary.matcher(Grammar.lark('start: <|function_start|> "{}" <|function_end|>'))
+    zeros = np.zeros(vocabulary.vocab_size, dtype=np.float32)
+    answer = [start, gapped.token_to_id("{"), gapped.token_to_id("}"), end]
+    for token in answer:
+        assert np.flatnonzero(np.isfinite(matcher.mask(zeros))).tolist() == [token]
+        matcher.accept(token)
+    assert np.flatnonzero(np.isfinite(matcher.mask(zeros))).tolist() == [turn_end]
+    free = [first + offset for offset in range(26) if offset not in offsets]
+    assert np.isneginf(vocabulary.matcher(Grammar.json_object()).mask(zeros)[free]).all()
 
 
 @pytest.mark.parametrize(

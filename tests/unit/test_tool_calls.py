@@ -194,7 +194,7 @@ def test_a_forced_call_is_valid_for_its_function_whatever_the_logits(
 ) -> None:
     request_body = body([{"role": "user", "content": "hi"}], tool_choice=choice, parallel_tool_calls=False)
     stops = [tokenizer.token_to_id(token) for token in MEGREZ_STOP_TOKENS[:2]]
-    vocabulary = GrammarVocabulary(tokenizer.to_json(), tokenizer.vocab_size, stops)
+    vocabulary = GrammarVocabulary(tokenizer, tokenizer.vocab_size, stops)
     grammar = forced_call_grammar(request_body)
     params = SamplingParams(
         max_tokens=300,
