@@ -41,8 +41,16 @@ class PreparedModel:
 
 
 def default_quantization(device: str) -> str:
-    """int4 weights; float32 activations on a CPU (float16 arithmetic is slow there), float16 on GPUs."""
-    return "q4f32_1" if device.partition(":")[0] == "cpu" else "q4f16_1"
+    """int4 weights; float32 activations on a CPU (float16 arithmetic is slow there), float16 on GPUs,
+    except a WebGPU adapter without shader-f16 (float32 then)."""
+    kind = device.partition(":")[0]
+    if kind == "cpu":
+        return "q4f32_1"
+    from .webgpu import DEVICE_BACKENDS, open_adapter
+
+    if kind in DEVICE_BACKENDS:
+        return "q4f16_1" if open_adapter(DEVICE_BACKENDS[kind] or None).shader_f16 else "q4f32_1"
+    return "q4f16_1"
 
 
 def prepare_model(
@@ -155,14 +163,14 @@ def compiled_library(model_dir: Path, device: str) -> Path:
     key = _key(
         {
             "chat_config": hashlib.sha256(chat_config).hexdigest(),
-            "target": str(preset.make(None)),
+            "target": str(preset.make(output=Path(f"model{preset.local_suffix}"))),
             "megrez_mlc": __version__,
             "compiler": _compiler_digest(),
             "tvm": tvm.__version__,
         }
     )
     lib = (
-        megrez_home() / "libs" / f"{model_dir.resolve().name}-{target_name}-{key}{preset.library_suffixes[0]}"
+        megrez_home() / "libs" / f"{model_dir.resolve().name}-{target_name}-{key}{preset.local_suffix}"
     )
     if lib.is_file():
         return lib

@@ -219,7 +219,7 @@ def compile_model(
     scheme = get_scheme(chat_config.quantization)
     preset: TargetPreset = get_target(target_name)
     preset.check_can_compile()
-    target = preset.make(host, cuda_arch, cpu)
+    target = preset.make(host, cuda_arch, cpu, output)
     int8_isa = int8_isa_for(target, scheme, cpu_kernels)
     kv_dtype = kv_cache_dtype_for(target, scheme, int8_isa, kv_cache_dtype)
     library = preset.output(output, host)  # before compiling: an unwritable -o fails fast

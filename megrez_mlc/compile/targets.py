@@ -1,9 +1,11 @@
 """The target table: how each `--target` name becomes a TVM target, its schedules, and how it is saved.
 
 A target is a device code generator (none for `cpu`) plus an LLVM host: the host code that launches the
-kernels runs on the machine the library is for, which for `android`, `iphone` and `webgpu` is not this one.
-Whether a target can compile here depends on the TVM build (`vulkan` needs a SPIR-V code generator the
-PyPI wheel lacks) and is checked when asked, so a TVM built with more works without a code change.
+kernels runs on the machine the library is for, which for `android`, `iphone` and a browser's `webgpu`
+(.wasm) is not this one. Whether a target can compile here depends on the TVM build and is checked when
+asked, so a TVM built with more works without a code change. `webgpu` as a .so and `vulkan` run here on
+megrez-mlc's own WebGPU runtime (megrez_mlc/webgpu): TVM writes WGSL, and wgpu-native turns it into
+SPIR-V for Vulkan (or MSL for Metal, HLSL for D3D12) when the kernels are first loaded.
 """
 
 from __future__ import annotations
@@ -123,16 +125,23 @@ class TargetPreset:
     library_suffixes: tuple[str, ...]  # what -o may end with, the usual one first
     device_target: dict | None = None  # the device's TVM target attributes (None: host code only)
     default_host: str | None = None  # LLVM triple of the machine the library runs on (None: this one)
+    native_suffixes: tuple[str, ...] = ()  # -o suffixes whose host is this machine despite default_host
+    wgpu_backend: str | None = None  # runs on the webgpu runtime through this wgpu backend ("": any)
     runs_elsewhere: str | None = None  # where the library runs when it is never on this machine
     schedules: SchedulePasses = field(default=no_schedules)
 
     def make(
-        self, host: str | None = None, cuda_arch: str | None = None, cpu: str | None = None
+        self,
+        host: str | None = None,
+        cuda_arch: str | None = None,
+        cpu: str | None = None,
+        output: Path | None = None,
     ) -> tvm.target.Target:
-        """The TVM target, host included; `host` overrides the host triple, `cpu` the host CPU."""
+        """The TVM target, host included; `host` overrides the host triple, `cpu` the host CPU, and the
+        suffix of `output` picks between a browser's and this machine's host where a target has both."""
         if cuda_arch and self.codegen != "cuda":
             raise MegrezError(f"--cuda-arch applies to --target cuda, not {self.name}")
-        host_target = host_llvm_target(host or self.default_host, cpu)
+        host_target = host_llvm_target(self._host(host, output), cpu)
         if self.device_target is None:
             return host_target
         attrs = dict(self.device_target)
@@ -147,8 +156,18 @@ class TargetPreset:
     def is_gpu(self) -> bool:
         return self.device_target is not None
 
-    def host_triple(self, host: str | None = None) -> str:
-        return host or self.default_host or this_machine_triple()
+    def _host(self, host: str | None, output: Path | None) -> str | None:
+        if host or (output is not None and output.suffix in self.native_suffixes):
+            return host
+        return self.default_host
+
+    def host_triple(self, host: str | None = None, output: Path | None = None) -> str:
+        return self._host(host, output) or this_machine_triple()
+
+    @property
+    def local_suffix(self) -> str:
+        """The -o suffix of a library for this machine (the model-library cache's)."""
+        return self.native_suffixes[0] if self.native_suffixes else self.library_suffixes[0]
 
     def output(self, output: Path, host: str | None = None) -> LibraryOutput:
         """How `-o output` is written, or a MegrezError for a suffix this target or machine cannot write, or
@@ -158,18 +177,13 @@ class TargetPreset:
                 f"-o {output}: target {self.name} writes {' or '.join(self.library_suffixes)} files; "
                 f"e.g. -o model-{self.name}{self.library_suffixes[0]}"
             )
-        library = library_output(output, self.host_triple(host))
+        library = library_output(output, self.host_triple(host, output))
         check_writable(output, folder=False)
         return library
 
     def cannot_compile_reason(self) -> str | None:
         """Why this TVM build cannot generate this target's code (None: it can)."""
         if tvm.get_global_func(f"target.build.{self.codegen}", allow_missing=True) is None:
-            if self.codegen == "vulkan":
-                return (
-                    "this TVM build has no SPIR-V code generator (target.build.vulkan; the PyPI apache-tvm "
-                    "wheel is built without it); install a TVM built with USE_VULKAN=ON and run again"
-                )
             return f"this TVM build has no {self.codegen} code generator (target.build.{self.codegen})"
         return None
 
@@ -177,6 +191,8 @@ class TargetPreset:
         """Why a library for this target cannot run on this machine (None: it can)."""
         if self.runs_elsewhere:
             return f"it runs {self.runs_elsewhere}"
+        if self.wgpu_backend is not None:
+            return wgpu_unavailable_reason(self.wgpu_backend)
         if tvm.get_global_func(f"device_api.{self.device}", allow_missing=True) is None:
             return f"TVM has no {self.device} runtime here ({RUNTIME_HINTS.get(self.device, 'not built in')})"
         if not tvm.device(self.device).exist:
@@ -205,12 +221,22 @@ def local_cuda_arch() -> str:
     return DEFAULT_CUDA_ARCH
 
 
+def wgpu_unavailable_reason(backend: str) -> str | None:
+    """Why the webgpu runtime finds no adapter for `backend` here (None: it does)."""
+    from ..webgpu import open_adapter  # builds the runtime on first use: only when asked
+
+    try:
+        open_adapter(backend or None)
+    except MegrezError as err:
+        return str(err)
+    return None
+
+
 # Why TVM may lack a device runtime (its `device_api.<device>` function), by device.
 RUNTIME_HINTS = {
     "cuda": "it loads only with an NVIDIA driver, libcuda.so.1",
     "metal": "Metal exists only on macOS and iOS",
     "opencl": "the PyPI wheel is built without it",
-    "vulkan": "the PyPI wheel is built without it",
 }
 # Limits MLC-LLM uses for iPhone GPUs (smaller than a Mac's); the warp size of 1 keeps kernels portable.
 IPHONE_METAL = {
@@ -290,22 +316,27 @@ TARGETS: dict[str, TargetPreset] = {
         ),
         TargetPreset(
             name="webgpu",
-            description="browsers with WebGPU (WGSL kernels, wasm32 host code) for WebLLM",
+            description=(
+                "WGSL kernels: .wasm/.tar for browsers (WebLLM), .so for this machine's GPU through "
+                "wgpu-native (Vulkan, Metal, D3D12)"
+            ),
             device="webgpu",
             codegen="webgpu",
-            library_suffixes=(".wasm", ".tar"),
+            library_suffixes=(".wasm", ".tar", ".so", ".dylib"),
             device_target={"kind": "webgpu"},
             default_host="wasm32-unknown-unknown-wasm",
-            runs_elsewhere="in a browser with WebGPU (WebLLM)",
+            native_suffixes=(".so", ".dylib"),
+            wgpu_backend="",
             schedules=gpu_schedule_passes,
         ),
         TargetPreset(
             name="vulkan",
-            description="Vulkan GPUs (SPIR-V kernels)",
-            device="vulkan",
-            codegen="vulkan",
+            description="Vulkan GPUs: the webgpu kernels, made SPIR-V by wgpu-native's Vulkan backend",
+            device="webgpu",
+            codegen="webgpu",
             library_suffixes=(".so", ".tar"),
-            device_target={"kind": "vulkan"},
+            device_target={"kind": "webgpu"},
+            wgpu_backend="vulkan",
             schedules=gpu_schedule_passes,
         ),
     )
@@ -335,7 +366,8 @@ def target_statuses() -> list[TargetStatus]:
         outputs = []
         for suffix in preset.library_suffixes:
             try:
-                library_output(Path(f"model{suffix}"), preset.host_triple())  # what the toolchain allows
+                path = Path(f"model{suffix}")
+                library_output(path, preset.host_triple(output=path))  # what the toolchain allows
                 outputs.append(suffix)
             except MegrezError:
                 pass

@@ -18,6 +18,7 @@ from tvm.runtime import ShapeTuple
 from ..artifacts.chat_config import Limits, resolve_limits
 from ..artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
 from ..errors import MegrezError
+from ..webgpu import DEVICE_BACKENDS, open_adapter
 from .threads import configure_threads
 
 PAGE_SIZE = 16
@@ -26,7 +27,7 @@ PAGE_SIZE = 16
 # (measured: 196-201 ms against 42 ms), so up to this many sequences are decoded one after the other.
 SEQUENTIAL_DECODE_MAX = 4
 CPU_DEVICE_TYPE = 1  # DLPack's kDLCPU
-DEVICE_NAMES = ("cpu", "cuda", "metal", "rocm", "vulkan", "opencl")
+DEVICE_NAMES = ("cpu", "cuda", "metal", "rocm", "opencl", "webgpu", "vulkan")
 
 
 def pages_for(num_tokens: int) -> int:
@@ -38,6 +39,11 @@ def open_device(device: str) -> tvm.runtime.Device:
     kind, _, index = device.partition(":")
     if kind not in DEVICE_NAMES:
         raise MegrezError(f"unknown device {device!r}; use one of {', '.join(DEVICE_NAMES)} (optionally :N)")
+    if kind in DEVICE_BACKENDS:  # our WebGPU runtime, through any of wgpu's backends or the one named
+        if int(index or 0) != 0:
+            raise MegrezError(f"device {device}: the webgpu runtime opens one adapter, {kind}:0")
+        open_adapter(DEVICE_BACKENDS[kind] or None)
+        return tvm.device("webgpu", 0)
     dev = tvm.device(kind, int(index or 0))
     if not dev.exist:
         raise MegrezError(
