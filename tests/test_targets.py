@@ -297,56 +297,6 @@ def test_wasm_needs_emscripten(gpu_model, tmp_path: Path) -> None:
     )
 
 
-# --- vulkan: detected at run time ---------------------------------------------------------------------------
-
-
-def test_vulkan_without_spirv_codegen_is_a_one_line_error(gpu_model, tmp_path: Path) -> None:
-    if tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None:
-        pytest.skip("this TVM has a SPIR-V code generator")
-    output = tmp_path / "lib.so"
-    assert_clean_failure(
-        ["compile", str(gpu_model("q4f32_1")), "--target", "vulkan", "-o", str(output)],
-        "this TVM build has no SPIR-V code generator (target.build.vulkan",
-        output,
-    )
-
-
-VULKAN_PROBE = """
-import json, sys, tvm, tvm_ffi
-from pathlib import Path
-from megrez_mlc.compile.compiler import compile_model
-from megrez_mlc.compile.targets import get_target
-
-seen = []
-
-@tvm_ffi.register_global_func("target.build.vulkan")
-def build_vulkan(mod, target):  # stands in for the code generator of a Vulkan-enabled TVM
-    seen.extend(sorted(gv.name_hint for gv in mod.get_global_vars()))
-    raise RuntimeError("stand-in SPIR-V generator reached")
-
-assert get_target("vulkan").cannot_compile_reason() is None
-try:
-    compile_model(Path(sys.argv[1]), "vulkan", Path(sys.argv[2]))
-except Exception as err:
-    assert "stand-in SPIR-V generator reached" in str(err), err
-print(json.dumps(seen))
-"""
-
-
-def test_vulkan_compiles_up_to_codegen_when_tvm_has_it(gpu_model, tmp_path: Path) -> None:
-    """The capability is looked up at run time: once `target.build.vulkan` exists, the same code schedules
-    every operator for Vulkan and hands all the kernels to it."""
-    proc = subprocess.run(
-        [sys.executable, "-c", VULKAN_PROBE, str(gpu_model("q4f32_1")), str(tmp_path / "lib.so")],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    kernels = set(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert {"rms_norm_kernel", "fused_rope_kernel", "batch_decode_paged_kv_kernel"} <= kernels
-    assert any(k.startswith("dequantize_matmul") for k in kernels)
-
-
 # --- `megrez-mlc targets`, target construction --------------------------------------------------------------
 
 
@@ -359,8 +309,9 @@ def test_targets_table_says_what_works_here() -> None:
     for name in ("android", "iphone"):
         assert rows[name][1:3] == ["yes", "no"] and "it runs on" in rows[name][4]
     assert rows["cuda"][2] == ("yes" if tvm.cuda(0).exist else "no")
-    if tvm.get_global_func("target.build.vulkan", allow_missing=True) is None:
-        assert rows["vulkan"][1] == "no" and "no SPIR-V code generator" in rows["vulkan"][4]
+    # Both run on the webgpu runtime; .ci/run installs lavapipe, so CI has a Vulkan adapter.
+    assert rows["webgpu"][1:4] == ["yes", "yes", ".tar,.so"]
+    assert rows["vulkan"][1:4] == ["yes", "yes", ".so,.tar"]
 
 
 def test_target_hosts_and_cuda_arch() -> None:

@@ -143,9 +143,15 @@ def open_adapter(backend: str | None = None) -> Adapter:
         raise MegrezError(f"{BACKEND_ENV}={backend}: unknown wgpu backend; use one of {', '.join(BACKENDS)}")
     error = _quiet_open(backend)
     if error:
-        raise MegrezError(f"no WebGPU adapter: {error}; {DRIVER_HINT}")
+        raise MegrezError(f"no WebGPU adapter: {one_line(error)}; {DRIVER_HINT}")
     info = json.loads(tvm.get_global_func("megrez_webgpu.adapter_info")())
     return Adapter(**{field: info[field] for field in Adapter.__dataclass_fields__})
+
+
+def one_line(message: str) -> str:
+    """wgpu's multi-line error report ("Validation Error", "Caused by:", the cause) as one line."""
+    lines = [line.strip() for line in message.splitlines()]
+    return " ".join(line for line in lines if line and line not in ("Validation Error", "Caused by:"))
 
 
 # Printed by libwayland inside Mesa's Vulkan loader on a machine with no desktop session; harmless.
