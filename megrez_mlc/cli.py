@@ -410,7 +410,9 @@ def _sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal, webgpu, vulkan...")(func)
+    func = click.option(
+        "--device", default="cpu", show_default=True, help="cpu, cuda, metal, webgpu, vulkan..."
+    )(func)
     return click.option(
         "--model-lib",
         type=click.Path(path_type=Path),
@@ -508,7 +510,9 @@ def _model_source_options(func: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Library from `megrez-mlc compile` (default: compiled on first use into $MEGREZ_MLC_HOME).",
         ),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, metal, webgpu, vulkan..."),
+        click.option(
+            "--device", default="cpu", show_default=True, help="cpu, cuda, metal, webgpu, vulkan..."
+        ),
         click.option(
             "--quantization",
             "-q",

@@ -169,9 +169,7 @@ def compiled_library(model_dir: Path, device: str) -> Path:
             "tvm": tvm.__version__,
         }
     )
-    lib = (
-        megrez_home() / "libs" / f"{model_dir.resolve().name}-{target_name}-{key}{preset.local_suffix}"
-    )
+    lib = megrez_home() / "libs" / f"{model_dir.resolve().name}-{target_name}-{key}{preset.local_suffix}"
     if lib.is_file():
         return lib
     log.info("compiling the model library for %s into %s (first start only)", target_name, lib)
