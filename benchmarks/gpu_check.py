@@ -1,7 +1,8 @@
-"""On a machine with an NVIDIA GPU: q4f16_1 for cuda, checked against the CPU and timed (gpu_check.sh).
+"""On a machine with a GPU: q4f16_1 for `--target cuda` (the default) or `webgpu` (megrez-mlc's WebGPU
+runtime, Vulkan through wgpu-native), checked against the CPU and timed (gpu_check.sh runs both).
 
 1. Correctness: a tiny random checkpoint with Megrez's head_dim (64), q4f16_1, compiled for cpu (exact
-   kernels) and for cuda; 32 greedy ids of each from the same prompt must be the same.
+   kernels) and for the target; 32 greedy ids of each from the same prompt must be the same.
 2. Speed on the full Megrez-3B shape (random weights, benchmarks/fullsize.py): prefill 128 tokens and
    decode 128 at batch 1, then 8 sequences of 128 prompt tokens decoding 128 each (prefill included),
    printed next to the model card's vLLM throughput on an H100.
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -52,27 +54,29 @@ def greedy(lib: ModelLibrary, prompt: list[int], steps: int) -> list[int]:
     return ids
 
 
-def check_greedy_ids(work: Path) -> bool:
+def check_greedy_ids(work: Path, target: str) -> bool:
     hf_dir = make_tiny_checkpoint(work / "tiny", shape=TinyShape(head_dim=64), seed=2)
     model_dir = convert(hf_dir, work / f"tiny-{QUANTIZATION}")
     compile_model(model_dir, "cpu", work / "tiny-cpu.so", cpu_kernels="exact")
-    compile_model(model_dir, "cuda", work / "tiny-cuda.so")
+    compile_model(model_dir, target, work / f"tiny-{target}.so")
     prompt = np.random.default_rng(0).integers(0, 300, 23).tolist()
     on_cpu = greedy(ModelLibrary(model_dir, work / "tiny-cpu.so"), prompt, 32)
-    on_gpu = greedy(ModelLibrary(model_dir, work / "tiny-cuda.so", device="cuda"), prompt, 32)
+    on_gpu = greedy(ModelLibrary(model_dir, work / f"tiny-{target}.so", device=target), prompt, 32)
     same = on_cpu == on_gpu
-    print(f"greedy ids, cuda vs cpu exact (tiny model, 32 tokens): {'identical' if same else 'DIFFERENT'}")
+    print(
+        f"greedy ids, {target} vs cpu exact (tiny model, 32 tokens): {'identical' if same else 'DIFFERENT'}"
+    )
     if not same:
-        print(f"  cpu  {on_cpu}\n  cuda {on_gpu}")
+        print(f"  cpu    {on_cpu}\n  {target} {on_gpu}")
     return same
 
 
-def measure_speed(cache: Path) -> None:
+def measure_speed(cache: Path, target: str) -> None:
     model_dir = convert(ensure_checkpoint(cache), cache / f"mlc-{QUANTIZATION}")
-    lib_path = cache / f"megrez-{QUANTIZATION}-cuda.so"
-    result = compile_model(model_dir, "cuda", lib_path, max_batch_size=BATCH)
+    lib_path = cache / f"megrez-{QUANTIZATION}-{target}.so"
+    result = compile_model(model_dir, target, lib_path, max_batch_size=BATCH)
     print(f"compiled {lib_path.name} in {result.seconds:.1f} s")
-    lib = ModelLibrary(model_dir, lib_path, device="cuda", max_batch_size=BATCH)
+    lib = ModelLibrary(model_dir, lib_path, device=target, max_batch_size=BATCH)
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, 1000, PROMPT_LEN).tolist()
     greedy(lib, prompt[:16], 4)  # warm-up
@@ -103,11 +107,18 @@ def measure_speed(cache: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=("cuda", "webgpu"), default="cuda")
+    target = parser.parse_args().target
+    if target == "webgpu":
+        from megrez_mlc.webgpu import open_adapter
+
+        print(f"webgpu adapter: {open_adapter()}")
     with tempfile.TemporaryDirectory() as work:
-        same = check_greedy_ids(Path(work))
+        same = check_greedy_ids(Path(work), target)
     cache = megrez_home() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    measure_speed(cache)
+    measure_speed(cache, target)
     sys.exit(0 if same else 1)
 
 

@@ -7,6 +7,7 @@ and whole tiny models whose greedy tokens must equal the CPU's exact kernels, th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -37,6 +38,7 @@ from megrez_mlc.config import ModelConfig
 from megrez_mlc.errors import MegrezError
 from megrez_mlc.rope import inv_freq_reference
 from megrez_mlc.runtime.engine import Engine
+from megrez_mlc.runtime.model_lib import check_fits_adapter
 from megrez_mlc.runtime.sampling import SamplingParams
 from megrez_mlc.tiny import TinyShape, make_tiny_checkpoint
 
@@ -503,3 +505,23 @@ def test_no_adapter_is_one_line(tmp_path: Path) -> None:
     assert row.split()[2] == "no" and "no WebGPU adapter" in row and "mesa-vulkan-drivers" in row
     with pytest.raises(MegrezError, match="unknown wgpu backend"):
         webgpu.open_adapter("directx")
+
+
+def test_a_library_the_adapter_cannot_hold_is_refused_in_one_line() -> None:
+    """Megrez-3B's int4 embedding table (122,880 x 2,560) is 150 MiB, above lavapipe's 128 MiB binding
+    limit; a float16 library needs shader-f16."""
+    metadata = {
+        "quantization": "q4f16_1",
+        "params": [
+            {"name": "model.embed_tokens.q_weight", "shape": [122880, 320], "dtype": "uint32"},
+            {"name": "model.embed_tokens.q_scale", "shape": [122880, 80], "dtype": "float16"},
+        ],
+    }
+    with pytest.raises(MegrezError, match="has no shader-f16, so it cannot run this q4f16_1 library"):
+        check_fits_adapter(metadata, dataclasses.replace(ADAPTER, shader_f16=False))
+    small = dataclasses.replace(ADAPTER, shader_f16=True, max_storage_buffer_binding_size=128 << 20)
+    with pytest.raises(
+        MegrezError, match=r"q_weight is 150 MiB, more than .* \(maxStorageBufferBindingSize 128 MiB\)"
+    ):
+        check_fits_adapter(metadata, small)
+    check_fits_adapter(metadata, dataclasses.replace(small, max_storage_buffer_binding_size=1 << 30))

@@ -18,7 +18,7 @@ from tvm.runtime import ShapeTuple
 from ..artifacts.chat_config import Limits, resolve_limits
 from ..artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
 from ..errors import MegrezError
-from ..webgpu import DEVICE_BACKENDS, open_adapter
+from ..webgpu import DEVICE_BACKENDS, Adapter, open_adapter
 from .threads import configure_threads
 
 PAGE_SIZE = 16
@@ -75,6 +75,26 @@ def check_params_against_metadata(model_dir: Path, metadata: dict[str, Any]) -> 
             )
 
 
+def check_fits_adapter(metadata: dict[str, Any], adapter: Adapter) -> None:
+    """A WebGPU adapter runs a library only with shader-f16 for float16 models, and binds no tensor larger
+    than its maxStorageBufferBindingSize: say so in one line before any weight is uploaded."""
+    params = metadata["params"]
+    if not adapter.shader_f16 and any(p["dtype"] == "float16" for p in params):
+        raise MegrezError(
+            f"{adapter.name} has no shader-f16, so it cannot run this {metadata['quantization']} library; "
+            "convert and compile the model as q4f32_1 (or q0f32) for it"
+        )
+    limit = adapter.max_storage_buffer_binding_size
+    for param in params:
+        size = int(np.prod(param["shape"])) * np.dtype(param["dtype"]).itemsize
+        if size > limit:
+            raise MegrezError(
+                f"parameter {param['name']} is {size / 2**20:.0f} MiB, more than {adapter.name} binds in one "
+                f"buffer (maxStorageBufferBindingSize {limit / 2**20:.0f} MiB); run it on a GPU whose driver "
+                "allows more, or on --device cpu"
+            )
+
+
 class ModelLibrary:
     """Weights on a device, the VM, and one paged KV cache shared by all sequences."""
 
@@ -102,6 +122,8 @@ class ModelLibrary:
             raise MegrezError(f"cannot load model library {model_lib} on {device}: {err}") from None
         self.metadata: dict[str, Any] = json.loads(self.vm["_metadata"]())
         check_params_against_metadata(model_dir, self.metadata)
+        if device.partition(":")[0] in DEVICE_BACKENDS:
+            check_fits_adapter(self.metadata, open_adapter(DEVICE_BACKENDS[device.partition(":")[0]] or None))
         self.params = self._load_params(model_dir)
 
         compiled = Limits(
