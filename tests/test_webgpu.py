@@ -36,6 +36,7 @@ from megrez_mlc.compile.rope_kernel import split_rotary
 from megrez_mlc.compile.targets import host_llvm_target
 from megrez_mlc.config import ModelConfig
 from megrez_mlc.errors import MegrezError
+from megrez_mlc.model_source import default_quantization, prepare_model
 from megrez_mlc.rope import inv_freq_reference
 from megrez_mlc.runtime.engine import Engine
 from megrez_mlc.runtime.model_lib import check_fits_adapter
@@ -525,3 +526,19 @@ def test_a_library_the_adapter_cannot_hold_is_refused_in_one_line() -> None:
     ):
         check_fits_adapter(metadata, small)
     check_fits_adapter(metadata, dataclasses.replace(small, max_storage_buffer_binding_size=1 << 30))
+
+
+def test_a_raw_checkpoint_is_prepared_for_the_adapter(
+    tiny_hf_webgpu: Path, webgpu_models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`chat CHECKPOINT --device webgpu` converts for what the adapter has and caches a host-native .so."""
+    monkeypatch.setenv("MEGREZ_MLC_HOME", str(tmp_path))
+    quantization = "q4f16_1" if ADAPTER.shader_f16 else "q4f32_1"
+    assert default_quantization("webgpu") == default_quantization("vulkan") == quantization
+    prepared = prepare_model(str(tiny_hf_webgpu), device="webgpu")
+    assert prepared.model_lib.suffix == ".so" and prepared.model_lib.parent == tmp_path / "libs"
+    cpu, _ = webgpu_models(quantization)
+    expected = Engine(cpu.model_dir, cpu.lib).generate(PROMPTS[0], GREEDY).token_ids
+    assert Engine(prepared.model_dir, prepared.model_lib, "webgpu").generate(
+        PROMPTS[0], GREEDY
+    ).token_ids == (expected)
