@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,26 @@ def test_copies_of_partial_words() -> None:
     view = tvm.runtime.tensor(np.zeros(13, np.int8), DEVICE)
     view.copyfrom(np.full(13, -3, np.int8))
     np.testing.assert_array_equal(view.numpy(), np.full(13, -3, np.int8))
+
+
+def webgpu_module(name: str, wgsl: str) -> tvm.runtime.Module:
+    """A webgpu module as TVM serializes one (u64 counts and lengths): one kernel taking one read-write
+    float32 buffer, launched over blockIdx.x."""
+
+    def text(value: str) -> bytes:
+        return struct.pack("<Q", len(value.encode())) + value.encode()
+
+    handle = bytes([3, 64, 1, 0])  # DLDataType: opaque handle
+    tags = text("blockIdx.x") + text("paramWriteAccess:[1]")
+    info = text(name) + struct.pack("<Q", 1) + handle + struct.pack("<Q", 2) + tags + struct.pack("<Q", 0)
+    data = struct.pack("<Q", 1) + text(name) + info + struct.pack("<Q", 1) + text(name) + text(wgsl)
+    return tvm.get_global_func("ffi.Module.load_from_bytes.webgpu")(data)
+
+
+def test_a_kernel_that_does_not_compile_is_named() -> None:
+    kernel = webgpu_module("broken_kernel", "this is not WGSL")["broken_kernel"]
+    with pytest.raises(Exception, match="webgpu: kernel broken_kernel: the WGSL does not compile"):
+        kernel(empty((4,), "float32"), 1)
 
 
 # --- each kernel kind alone ---------------------------------------------------------------------------------
