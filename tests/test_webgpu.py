@@ -109,7 +109,9 @@ def test_the_adapter_and_its_limits() -> None:
     assert ADAPTER.max_storage_buffer_binding_size >= 1 << 27  # WebGPU's guaranteed minimum is 128 MiB
 
 
-@pytest.mark.parametrize("n", [1, 1000, 32 * 65535 + 77])  # the last: more workgroups than one dimension
+@pytest.mark.parametrize(
+    "n", [0, 1, 1000, 32 * 65535 + 77]
+)  # 0: no workgroups; the last: more than a dimension holds
 def test_scalar_arguments_and_wide_grids(n: int) -> None:
     kernel = exported(tvm.compile(tvm.IRModule({"axpy": axpy}), target=WEBGPU))["axpy"]
     a, b = RNG.standard_normal((2, n)).astype(np.float32)

@@ -625,6 +625,7 @@ class WebGPUModule : public tvm::ffi::ModuleObj {
       const std::string& tag = info.launch_tags[i];
       if (tag.rfind("blockIdx.", 0) == 0) grid[tag.back() - 'x'] = args[num_args + i].cast<int64_t>();
     }
+    if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return;  // an empty batch: nothing to run
     uint64_t limit = ctx.limits.maxComputeWorkgroupsPerDimension;
     uint64_t fold = (grid[0] + limit - 1) / limit;  // z workgroups that carry the rest of a wide x
     uint64_t grid_x = (grid[0] + fold - 1) / fold;
