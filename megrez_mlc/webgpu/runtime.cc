@@ -87,9 +87,9 @@ class Context {
     if (!error.empty()) Fail(error);
   }
 
-  // Records the uncaptured errors of the calls that follow until TakeError().
+  // The first uncaptured error since the last call.
+  // wgpu-native reports validation errors from inside the failing call, so no poll is needed.
   std::string TakeError() {
-    wgpuDevicePoll(device, false, nullptr);
     std::string error;
     error.swap(last_error);
     return error;
