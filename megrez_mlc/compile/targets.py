@@ -24,6 +24,7 @@ from tvm.target import codegen
 
 from ..errors import MegrezError
 from ..staging import check_writable
+from ..webgpu import DEVICE_BACKENDS, open_adapter
 from .cpu_schedule import cpu_schedule_passes
 from .gpu import gpu_schedule_passes
 
@@ -126,7 +127,6 @@ class TargetPreset:
     device_target: dict | None = None  # the device's TVM target attributes (None: host code only)
     default_host: str | None = None  # LLVM triple of the machine the library runs on (None: this one)
     native_suffixes: tuple[str, ...] = ()  # -o suffixes whose host is this machine despite default_host
-    wgpu_backend: str | None = None  # runs on the webgpu runtime through this wgpu backend ("": any)
     runs_elsewhere: str | None = None  # where the library runs when it is never on this machine
     schedules: SchedulePasses = field(default=no_schedules)
 
@@ -151,6 +151,11 @@ class TargetPreset:
 
     def schedule_passes(self, target: tvm.target.Target) -> list[tvm.transform.Pass]:
         return self.schedules(target)
+
+    @property
+    def wgpu_backend(self) -> str | None:
+        """The wgpu backend this target's libraries run on here ("": wgpu's choice; None: not wgpu)."""
+        return DEVICE_BACKENDS.get(self.name) if self.device == "webgpu" else None
 
     @property
     def is_gpu(self) -> bool:
@@ -223,8 +228,6 @@ def local_cuda_arch() -> str:
 
 def wgpu_unavailable_reason(backend: str) -> str | None:
     """Why the webgpu runtime finds no adapter for `backend` here (None: it does)."""
-    from ..webgpu import open_adapter  # builds the runtime on first use: only when asked
-
     try:
         open_adapter(backend or None)
     except MegrezError as err:
@@ -326,7 +329,6 @@ TARGETS: dict[str, TargetPreset] = {
             device_target={"kind": "webgpu"},
             default_host="wasm32-unknown-unknown-wasm",
             native_suffixes=(".so", ".dylib"),
-            wgpu_backend="",
             schedules=gpu_schedule_passes,
         ),
         TargetPreset(
@@ -336,7 +338,6 @@ TARGETS: dict[str, TargetPreset] = {
             codegen="webgpu",
             library_suffixes=(".so", ".tar"),
             device_target={"kind": "webgpu"},
-            wgpu_backend="vulkan",
             schedules=gpu_schedule_passes,
         ),
     )

@@ -122,8 +122,9 @@ class ModelLibrary:
             raise MegrezError(f"cannot load model library {model_lib} on {device}: {err}") from None
         self.metadata: dict[str, Any] = json.loads(self.vm["_metadata"]())
         check_params_against_metadata(model_dir, self.metadata)
-        if device.partition(":")[0] in DEVICE_BACKENDS:
-            check_fits_adapter(self.metadata, open_adapter(DEVICE_BACKENDS[device.partition(":")[0]] or None))
+        kind = device.partition(":")[0]
+        if kind in DEVICE_BACKENDS:
+            check_fits_adapter(self.metadata, open_adapter(DEVICE_BACKENDS[kind] or None))
         self.params = self._load_params(model_dir)
 
         compiled = Limits(

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,7 @@ def _wheel_dirs() -> dict[str, Path]:
 def _build_command(output: Path) -> list[str]:
     compiler = cc.get_cc()
     if compiler is None or not Path(compiler).name.startswith(("g++", "clang++", "c++")):
-        compiler = next((c for c in ("g++", "clang++", "c++") if _which(c)), None)
+        compiler = next((c for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
     if compiler is None:
         raise MegrezError(
             "the webgpu runtime is compiled on this machine and needs a C++ compiler; "
@@ -95,10 +96,6 @@ def _build_command(output: Path) -> list[str]:
         "-ltvm_ffi",
         "-l:libwgpu_native-release.so",
     ]
-
-
-def _which(name: str) -> bool:
-    return any(Path(folder, name).is_file() for folder in os.environ.get("PATH", "").split(os.pathsep))
 
 
 def runtime_library() -> Path:
