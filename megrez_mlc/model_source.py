@@ -46,10 +46,10 @@ def default_quantization(device: str) -> str:
     kind = device.partition(":")[0]
     if kind == "cpu":
         return "q4f32_1"
-    from .webgpu import DEVICE_BACKENDS, open_adapter
+    from .webgpu import DEVICE_BACKENDS, device_adapter
 
     if kind in DEVICE_BACKENDS:
-        return "q4f16_1" if open_adapter(DEVICE_BACKENDS[kind] or None).shader_f16 else "q4f32_1"
+        return "q4f16_1" if device_adapter(kind).shader_f16 else "q4f32_1"
     return "q4f16_1"
 
 

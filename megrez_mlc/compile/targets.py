@@ -24,7 +24,7 @@ from tvm.target import codegen
 
 from ..errors import MegrezError
 from ..staging import check_writable
-from ..webgpu import DEVICE_BACKENDS, open_adapter
+from ..webgpu import DEVICE_BACKENDS, device_adapter
 from .cpu_schedule import cpu_schedule_passes
 from .gpu import gpu_schedule_passes
 
@@ -153,11 +153,6 @@ class TargetPreset:
         return self.schedules(target)
 
     @property
-    def wgpu_backend(self) -> str | None:
-        """The wgpu backend this target's libraries run on here ("": wgpu's choice; None: not wgpu)."""
-        return DEVICE_BACKENDS.get(self.name) if self.device == "webgpu" else None
-
-    @property
     def is_gpu(self) -> bool:
         return self.device_target is not None
 
@@ -196,8 +191,8 @@ class TargetPreset:
         """Why a library for this target cannot run on this machine (None: it can)."""
         if self.runs_elsewhere:
             return f"it runs {self.runs_elsewhere}"
-        if self.wgpu_backend is not None:
-            return wgpu_unavailable_reason(self.wgpu_backend)
+        if self.name in DEVICE_BACKENDS:  # runs on megrez-mlc's WebGPU runtime (megrez_mlc/webgpu)
+            return wgpu_unavailable_reason(self.name)
         if tvm.get_global_func(f"device_api.{self.device}", allow_missing=True) is None:
             return f"TVM has no {self.device} runtime here ({RUNTIME_HINTS.get(self.device, 'not built in')})"
         if not tvm.device(self.device).exist:
@@ -226,10 +221,10 @@ def local_cuda_arch() -> str:
     return DEFAULT_CUDA_ARCH
 
 
-def wgpu_unavailable_reason(backend: str) -> str | None:
-    """Why the webgpu runtime finds no adapter for `backend` here (None: it does)."""
+def wgpu_unavailable_reason(device_kind: str) -> str | None:
+    """Why the webgpu runtime finds no adapter for `--device device_kind` here (None: it does)."""
     try:
-        open_adapter(backend or None)
+        device_adapter(device_kind)
     except MegrezError as err:
         return str(err)
     return None

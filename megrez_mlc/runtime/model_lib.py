@@ -18,7 +18,7 @@ from tvm.runtime import ShapeTuple
 from ..artifacts.chat_config import Limits, resolve_limits
 from ..artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
 from ..errors import MegrezError
-from ..webgpu import DEVICE_BACKENDS, Adapter, open_adapter
+from ..webgpu import DEVICE_BACKENDS, Adapter, device_adapter
 from .threads import configure_threads
 
 PAGE_SIZE = 16
@@ -42,7 +42,7 @@ def open_device(device: str) -> tvm.runtime.Device:
     if kind in DEVICE_BACKENDS:  # our WebGPU runtime, through any of wgpu's backends or the one named
         if int(index or 0) != 0:
             raise MegrezError(f"device {device}: the webgpu runtime opens one adapter, {kind}:0")
-        open_adapter(DEVICE_BACKENDS[kind] or None)
+        device_adapter(kind)
         return tvm.device("webgpu", 0)
     dev = tvm.device(kind, int(index or 0))
     if not dev.exist:
@@ -124,7 +124,7 @@ class ModelLibrary:
         check_params_against_metadata(model_dir, self.metadata)
         kind = device.partition(":")[0]
         if kind in DEVICE_BACKENDS:
-            check_fits_adapter(self.metadata, open_adapter(DEVICE_BACKENDS[kind] or None))
+            check_fits_adapter(self.metadata, device_adapter(kind))
         self.params = self._load_params(model_dir)
 
         compiled = Limits(

@@ -151,6 +151,11 @@ def one_line(message: str) -> str:
     return " ".join(line for line in lines if line and line not in ("Validation Error", "Caused by:"))
 
 
+def device_adapter(device_kind: str) -> Adapter:
+    """The adapter a `--device` of DEVICE_BACKENDS (webgpu, vulkan) runs on."""
+    return open_adapter(DEVICE_BACKENDS[device_kind] or None)
+
+
 # Printed by libwayland inside Mesa's Vulkan loader on a machine with no desktop session; harmless.
 _NOISE = ("XDG_RUNTIME_DIR",)
 

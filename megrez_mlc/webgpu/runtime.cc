@@ -70,12 +70,26 @@ class Context {
       }
       return "";
     }
-    if (!open_error.empty()) return open_error;
-    open_error = OpenNow(backend);
-    return open_error;
+    // A failure is remembered per backend: asking again for it is not retried, another one is.
+    auto failed = open_errors.find(backend);
+    if (failed != open_errors.end()) return failed->second;
+    std::string error = OpenNow(backend);
+    if (!error.empty()) {
+      if (adapter != nullptr) wgpuAdapterRelease(adapter);
+      if (instance != nullptr) wgpuInstanceRelease(instance);
+      adapter = nullptr;
+      instance = nullptr;
+      open_errors[backend] = error;
+    }
+    return error;
   }
 
-  bool IsOpen() { return Open(DefaultBackend()).empty(); }
+  // Whether a device is open, opening the default backend's when none is (an explicit Open comes first
+  // when the user named a backend, and then stays the one in use).
+  bool IsOpen() {
+    std::lock_guard<std::recursive_mutex> lock(mutex);
+    return device != nullptr || Open(DefaultBackend()).empty();
+  }
 
   static std::string DefaultBackend() {
     const char* env = std::getenv("MEGREZ_MLC_WGPU_BACKEND");
@@ -83,6 +97,8 @@ class Context {
   }
 
   void Require() {
+    std::lock_guard<std::recursive_mutex> lock(mutex);
+    if (device != nullptr) return;
     std::string error = Open(DefaultBackend());
     if (!error.empty()) Fail(error);
   }
@@ -326,7 +342,7 @@ class Context {
     return "";
   }
 
-  std::string open_error;
+  std::unordered_map<std::string, std::string> open_errors;
   std::string last_error;
   WGPUCommandEncoder encoder = nullptr;
   int pending_commands = 0;
