@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MegrezError
+from .omni.config import VisionConfig, is_omni
 from .rope import RopeScaling, read_rope
 
 log = logging.getLogger("megrez_mlc")
@@ -59,6 +60,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
     attention_bias: bool = False  # q/k/v/o projections have biases
     mlp_bias: bool = False  # gate/up/down projections have biases
+    vision: VisionConfig | None = None  # Megrez-3B-Omni's vision tower and resampler (omni/config.py)
 
     def __post_init__(self) -> None:
         positive = (
@@ -115,6 +117,7 @@ class ModelConfig:
             heads = _field(merged, "num_attention_heads", int)
             max_positions = _field(merged, "max_position_embeddings", int)
             theta, scaling = read_rope(merged, max_positions)
+            vision = VisionConfig.from_hf(hf, hidden) if is_omni(hf) else None
             return cls(
                 hidden_size=hidden,
                 intermediate_size=_field(merged, "intermediate_size", int),
@@ -130,6 +133,7 @@ class ModelConfig:
                 rope_scaling=scaling,
                 attention_bias=_field(merged, "attention_bias", bool),
                 mlp_bias=_field(merged, "mlp_bias", bool),
+                vision=vision,
             )
         except KeyError as missing:
             raise MegrezError(f"config.json lacks the field {missing}; is this a LLaMA checkpoint?") from None
@@ -154,6 +158,7 @@ class ModelConfig:
             "mlp_bias": self.mlp_bias,
             "tensor_parallel_shards": 1,
             "pipeline_parallel_stages": 1,
+            **({"vision_config": self.vision.to_json()} if self.vision else {}),
         }
 
     @classmethod
@@ -174,6 +179,7 @@ class ModelConfig:
                 rope_scaling=RopeScaling.from_json(mlc.get("rope_scaling")),
                 attention_bias=mlc.get("attention_bias", False),
                 mlp_bias=mlc.get("mlp_bias", False),
+                vision=VisionConfig.from_json(mlc["vision_config"]) if "vision_config" in mlc else None,
             )
         except (KeyError, TypeError) as missing:
             raise MegrezError(
@@ -183,6 +189,11 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Where the LLM's tensors are in the checkpoint: Megrez-3B-Omni keeps them under `llm.`."""
+        return "llm." if self.vision else ""
 
 
 _KIND_NAMES = {bool: "a boolean", int: "an int", float: "a number"}
@@ -206,10 +217,12 @@ def _field(merged: dict[str, Any], name: str, kind: type, default: Any = None) -
 
 def _check_supported_architecture(hf: dict[str, Any]) -> None:
     archs = hf.get("architectures") or []
-    if hf.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
+    if is_omni(hf):
+        pass  # Megrez-3B-Omni: a LLaMA's fields at the top level, beside its encoders' configs
+    elif hf.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
         raise MegrezError(
             f"config.json describes {archs or hf.get('model_type')}, not LlamaForCausalLM; "
-            "megrez-mlc supports the Megrez-3B (LLaMA) text model"
+            "megrez-mlc supports Megrez-3B (LLaMA) and Megrez-3B-Omni"
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise MegrezError(f"hidden_act {hf['hidden_act']!r} is not supported (LLaMA uses silu)")

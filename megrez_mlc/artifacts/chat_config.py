@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import ModelConfig, read_json_object
 from ..errors import MegrezError
+from ..omni.config import ImageProcessorConfig
 from .files import CHAT_CONFIG_FILE
 
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
@@ -42,6 +43,7 @@ class ChatConfig:
     pad_token_id: int
     bos_token_id: int | None
     eos_token_id: tuple[int, ...]
+    image_processor: ImageProcessorConfig | None = None  # Megrez-3B-Omni's slicing and image placeholders
 
     @property
     def vocab_size(self) -> int:
@@ -85,6 +87,7 @@ class ChatConfig:
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id),
+            **({"image_processor": self.image_processor.to_json()} if self.image_processor else {}),
         }
 
     @classmethod
@@ -105,6 +108,11 @@ class ChatConfig:
                 pad_token_id=int(chat.get("pad_token_id", 0)),
                 bos_token_id=chat.get("bos_token_id"),
                 eos_token_id=tuple(chat.get("eos_token_id") or ()),
+                image_processor=(
+                    ImageProcessorConfig.from_json(chat["image_processor"])
+                    if "image_processor" in chat
+                    else None
+                ),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise MegrezError(

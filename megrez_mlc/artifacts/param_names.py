@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
+from ..omni.weights import vision_tensors
 from .int4 import quantized_shapes
 from .schemes import QuantScheme
 
@@ -62,15 +63,18 @@ def _linear(name: str, sources: list[tuple[str, int]], cols: int, bias: bool) ->
     return [weight, dataclasses.replace(_spec(name, bias_sources, None), role="bias")]
 
 
-def llama_param_specs(config: ModelConfig) -> list[ParamSpec]:
-    """Every parameter of the LLaMA graph in the order the compiled model declares them."""
+def llama_param_specs(config: ModelConfig, hf_prefix: str = "") -> list[ParamSpec]:
+    """Every parameter of the LLaMA graph in the order the compiled model declares them; the checkpoint's
+    names carry `hf_prefix` (an Omni checkpoint keeps its LLM under `llm.`)."""
     hidden, inter = config.hidden_size, config.intermediate_size
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
-    specs = [_spec("model.embed_tokens", [("model.embed_tokens.weight", config.vocab_size)], hidden)]
+    specs = [
+        _spec("model.embed_tokens", [(f"{hf_prefix}model.embed_tokens.weight", config.vocab_size)], hidden)
+    ]
     attn_bias, mlp_bias = config.attention_bias, config.mlp_bias
     for i in range(config.num_hidden_layers):
-        hf, mlc = f"model.layers.{i}", f"model.layers.{i}"
+        hf, mlc = f"{hf_prefix}model.layers.{i}", f"model.layers.{i}"
         attn, mlp = f"{hf}.self_attn", f"{hf}.mlp"
         specs += [
             *_linear(
@@ -92,9 +96,9 @@ def llama_param_specs(config: ModelConfig) -> list[ParamSpec]:
                 f"{mlc}.post_attention_layernorm", [(f"{hf}.post_attention_layernorm.weight", hidden)], None
             ),
         ]
-    specs.append(_spec("model.norm", [("model.norm.weight", hidden)], None))
+    specs.append(_spec("model.norm", [(f"{hf_prefix}model.norm.weight", hidden)], None))
     if not config.tie_word_embeddings:
-        specs.append(_spec("lm_head", [("lm_head.weight", config.vocab_size)], hidden))
+        specs.append(_spec("lm_head", [(f"{hf_prefix}lm_head.weight", config.vocab_size)], hidden))
     return specs
 
 
@@ -111,3 +115,15 @@ def stored_tensors(spec: ParamSpec, scheme: QuantScheme) -> list[StoredTensor]:
 
 def expected_hf_shapes(spec: ParamSpec) -> dict[str, tuple[int, ...]]:
     return {name: (rows, *spec.shape[1:]) for name, rows in zip(spec.hf_names, spec.hf_rows)}
+
+
+def stored_model_tensors(config: ModelConfig, scheme: QuantScheme) -> list[StoredTensor]:
+    """Every tensor convert-weight writes for a model, in the compiled graph's parameter order: the LLM's,
+    then (Omni) the vision tower's and the resampler's, which stay in the scheme's float type."""
+    tensors = [t for spec in llama_param_specs(config) for t in stored_tensors(spec, scheme)]
+    if config.vision is not None:
+        tensors += [
+            StoredTensor(v.name, v.shape, scheme.model_dtype)
+            for v in vision_tensors(config.vision, config.hidden_size)
+        ]
+    return tensors

@@ -19,11 +19,12 @@ import tvm
 from tvm import relax
 
 from ..artifacts.chat_config import read_chat_config, resolve_limits
-from ..artifacts.param_names import llama_param_specs, stored_tensors
+from ..artifacts.param_names import stored_model_tensors
 from ..artifacts.schemes import QuantScheme, get_scheme
 from ..config import ModelConfig
 from ..errors import MegrezError
 from ..home import megrez_home
+from ..omni.images import max_slice_patches
 from .gpu import check_attention_head_dim, device_functions, functions_left_on_host
 from .int8_matmul import DotIsa, select_isa
 from .model import MegrezForCausalLM
@@ -152,11 +153,7 @@ def check_params_match_weights(
     The graph and artifacts/param_names.py describe the weights separately, and the library finds its weights
     by these names: a difference would otherwise surface only when the library runs on those weights."""
     graph = [(name, tuple(int(d) for d in param.shape), param.dtype) for name, param in named_params]
-    weights = [
-        (t.name, tuple(t.shape), t.dtype)
-        for spec in llama_param_specs(config)
-        for t in stored_tensors(spec, scheme)
-    ]
+    weights = [(t.name, tuple(t.shape), t.dtype) for t in stored_model_tensors(config, scheme)]
     for index, (ours, written) in enumerate(zip_longest(graph, weights)):
         if ours != written:
             raise MegrezError(
@@ -229,6 +226,8 @@ def compile_model(
         "batch_size": limits.max_batch_size,
         "total_seq_len": limits.context_window_size,
     }
+    if chat_config.image_processor is not None:
+        bounds["num_patches"] = max_slice_patches(chat_config.image_processor)
     if preset.is_gpu:
         check_attention_head_dim(
             config.head_dim,

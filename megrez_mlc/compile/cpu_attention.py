@@ -603,3 +603,76 @@ def paged_prefill_attention_cpu(
                         store(output, lse, acc, row_max, row_sum, q_indptr[b] + query_first, q_count, kv_head)
 
     return batch_prefill_paged_kv_cpu
+
+
+def full_attention_cpu(num_heads: int, head_dim: int, dtype: str):
+    """Attention without a mask or a cache, q [q_len, heads, head_dim] against k and v [kv_len, heads,
+    head_dim], for the vision tower (its patches attend to each other) and the resampler (its queries to the
+    patches): the prefill kernel's tiles and online softmax, over one sequence. Outputs the attention and
+    each row's log2-sum-exp (unused, as the tile macros write it)."""
+    start_tile, attend, store = _prefill_tile_macros(1, head_dim, dtype)
+
+    @T.prim_func(s_tir=True)
+    def full_attention(
+        q_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        q_len = T.int64()
+        kv_len = T.int64()
+        q = T.match_buffer(q_handle, (q_len, num_heads, head_dim), dtype)
+        k = T.match_buffer(k_handle, (kv_len, num_heads, head_dim), dtype)
+        v = T.match_buffer(v_handle, (kv_len, num_heads, head_dim), dtype)
+        output = T.match_buffer(output_handle, (q_len, num_heads, head_dim), dtype)
+        lse = T.match_buffer(lse_handle, (q_len, num_heads), "float32")
+        with T.sblock("root"):
+            qo: T.let[T.int32] = T.Cast("int32", q_len)
+            kv: T.let[T.int32] = T.Cast("int32", kv_len)
+            tiles: T.let[T.int32] = (qo + QUERY_BLOCK - 1) // QUERY_BLOCK
+            for task in T.parallel(num_heads * tiles):
+                with T.sblock("tile"):
+                    T.reads()
+                    T.writes()
+                    head: T.let[T.int32] = task // tiles
+                    query_first: T.let[T.int32] = task % tiles * QUERY_BLOCK
+                    q_count: T.let[T.int32] = T.min(QUERY_BLOCK, qo - query_first)
+                    q_tile = T.sblock_alloc_buffer((QUERY_BLOCK, head_dim), "float32")
+                    acc = T.sblock_alloc_buffer((QUERY_BLOCK, head_dim), "float32")
+                    row_max = T.sblock_alloc_buffer((QUERY_BLOCK,), "float32")
+                    row_sum = T.sblock_alloc_buffer((QUERY_BLOCK,), "float32")
+                    k_t = T.sblock_alloc_buffer((head_dim, KEY_BLOCK), "float32")
+                    v_block = T.sblock_alloc_buffer((KEY_BLOCK, head_dim), "float32")
+                    scores = T.sblock_alloc_buffer((KEY_BLOCK,), "float32")
+                    scale: T.let[T.float32] = T.float32(head_dim**-0.5 * LOG2_E)
+                    start_tile(q, q_tile, acc, row_max, row_sum, query_first, q_count, head, scale)
+                    for block in T.serial((kv + KEY_BLOCK - 1) // KEY_BLOCK):
+                        key_first: T.let[T.int32] = block * KEY_BLOCK
+                        key_count: T.let[T.int32] = T.min(KEY_BLOCK, kv - key_first)
+                        for j in T.serial(KEY_BLOCK):
+                            key: T.let[T.int32] = key_first + T.min(j, key_count - 1)
+                            for d in T.serial(head_dim):
+                                k_t[d, j] = T.Cast("float32", k[key, head, d])
+                            for d in T.vectorized(head_dim):
+                                v_block[j, d] = T.Cast("float32", v[key, head, d])
+                        attend(
+                            q_tile,
+                            k_t,
+                            v_block,
+                            acc,
+                            row_max,
+                            row_sum,
+                            scores,
+                            key_first,
+                            key_count,
+                            query_first,
+                            kv,
+                            qo,
+                            0,
+                        )
+                    store(output, lse, acc, row_max, row_sum, query_first, q_count, head)
+
+    # one function per shape (the tower's and the resampler's differ), each under its own symbol
+    return full_attention.with_attr("global_symbol", f"full_attention_{num_heads}x{head_dim}_{dtype}")

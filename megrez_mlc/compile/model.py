@@ -164,6 +164,10 @@ class MegrezForCausalLM(nn.Module):
         self.model = LlamaModel(config, kv_cache_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.vision is not None:  # after the LLM's: its parameters keep their places
+            from .vision import OmniVision
+
+            self.vision = OmniVision(config.vision, config.hidden_size)
 
     def export_tvm(self, spec: nn.spec.ModuleSpecType, **options: Any) -> Any:
         """`nn.Module.export_tvm`, traced under this model's target, which `compiling_for_cpu` reads."""
@@ -176,6 +180,10 @@ class MegrezForCausalLM(nn.Module):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens.lookup(input_ids)
+
+    def image_embed(self, patches: Tensor, position_ids: Tensor, key_positions: Tensor) -> Tensor:
+        """One image slice's patches -> its query_num embeddings, rows like `embed`'s (compile/vision.py)."""
+        return self.vision(patches, position_ids, key_positions)
 
     def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         hidden = self.model(input_embed, paged_kv_cache)
@@ -274,6 +282,7 @@ class MegrezForCausalLM(nn.Module):
                 "paged_kv_cache": kv,
                 "$": packed,
             },
+            **self._image_embed_spec(packed),
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -284,3 +293,16 @@ class MegrezForCausalLM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+    def _image_embed_spec(self, packed: dict[str, str]) -> dict[str, Any]:
+        vision = self.config.vision
+        if vision is None:
+            return {}
+        return {
+            "image_embed": {
+                "patches": nn.spec.Tensor(["num_patches", vision.patch_features], self.dtype),
+                "position_ids": nn.spec.Tensor(["num_patches"], "int32"),
+                "key_positions": nn.spec.Tensor(["num_patches", self.config.hidden_size], self.dtype),
+                "$": packed,
+            }
+        }

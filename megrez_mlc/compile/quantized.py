@@ -18,6 +18,7 @@ from ..artifacts.schemes import QuantScheme
 from . import ops
 from .int8_matmul import DotIsa, int8_gemm_kernel, int8_gemv_kernel
 from .model import Embedding, Linear, compiling_for_cpu
+from .vision import FloatLinear
 
 
 def _is_single_token(x: Tensor) -> bool:
@@ -100,6 +101,8 @@ class GroupQuantizer(nn.Mutator):
         self.prefetch = prefetch
 
     def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+        if isinstance(node, FloatLinear):  # the vision tower's (compile/vision.py)
+            return node
         if isinstance(node, Embedding):  # first: an Embedding is also a Linear
             return QuantizedEmbedding(node, self.scheme, self.int8_isa, self.prefetch)
         if isinstance(node, Linear):
@@ -111,7 +114,7 @@ def quantize_model(
     model: nn.Module, scheme: QuantScheme, int8_isa: DotIsa | None = None, prefetch: bool = True
 ) -> nn.Module:
     """`model`, built of float layers, in the scheme's float type and, under q4 schemes, its layers int4
-    (multiplied through int8 dot products with `int8_isa`)."""
+    (multiplied through int8 dot products with `int8_isa`), all but the FloatLinears."""
     model.to(scheme.model_dtype)  # before the swap: `to` would convert the uint32 words too
     if scheme.quantized:
         model = GroupQuantizer(scheme, int8_isa, prefetch).visit("", model)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ..artifacts.int4 import quantize_int4
 from ..artifacts.param_names import ParamSpec, expected_hf_shapes, llama_param_specs, stored_tensors
+from ..omni.weights import AUDIO_PREFIXES, VisionTensor, vision_tensors
 from ..artifacts.schemes import QuantScheme, get_scheme
 from ..artifacts.tensor_cache import TensorCacheWriter, written_files
 from ..config import ModelConfig, load_hf_model_config
@@ -76,10 +77,12 @@ def convert_weight(
     scheme = get_scheme(quantization)
     config, _ = load_hf_model_config(hf_dir, preset)
     checkpoint = Checkpoint(hf_dir)
-    specs = llama_param_specs(config)
-    check_checkpoint(checkpoint, specs, config)
+    specs = llama_param_specs(config, config.checkpoint_prefix)
+    vision = vision_tensors(config.vision, config.hidden_size) if config.vision else []
+    check_checkpoint(checkpoint, specs, config, vision)
     check_output_quantization(out_dir, scheme, force)
     total_bytes = sum(t.nbytes for spec in specs for t in stored_tensors(spec, scheme))
+    total_bytes += sum(int(np.prod(v.shape)) * np.dtype(scheme.model_dtype).itemsize for v in vision)
     workers = threads or worker_count()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="convert")
     try:
@@ -93,6 +96,8 @@ def convert_weight(
                 write_param(writer, spec, scheme, islice(blocks, len(spec_jobs)))  # its blocks come next
                 bar.set_postfix_str(f"{writer.param_bytes / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB written")
             bar.close()
+            for tensor in vision:  # small tensors (the largest is ~22 MB), each read whole
+                write_vision_tensor(writer, checkpoint, tensor, scheme)
             index = writer.finish()
     except OSError as err:  # a full disk or a read-only folder: the staging folder is already gone
         raise MegrezError(f"cannot write the converted weights to {out_dir}: {err.strerror or err}") from None
@@ -103,29 +108,37 @@ def convert_weight(
     return ConversionResult(out_dir, num_tensors, meta["ParamBytes"], meta["BitsPerParam"])
 
 
-def check_checkpoint(checkpoint: Checkpoint, specs: list[ParamSpec], config: ModelConfig) -> None:
+def check_checkpoint(
+    checkpoint: Checkpoint, specs: list[ParamSpec], config: ModelConfig, vision: list[VisionTensor]
+) -> None:
     """Every tensor the model needs is there with the shape config.json implies; checked before writing."""
     needed: set[str] = set()
-    for spec in specs:
-        for name, shape in expected_hf_shapes(spec).items():
-            needed.add(name)
-            if name not in checkpoint:
-                raise MegrezError(
-                    f"tensor {name} is missing from {checkpoint.hf_dir}; the download is incomplete or "
-                    "config.json describes another model"
-                )
-            info = checkpoint.info(name)
-            if info.shape != shape:
-                raise MegrezError(
-                    f"tensor {name} has shape {list(info.shape)} but config.json implies {list(shape)}; "
-                    "the checkpoint and its config.json disagree"
-                )
-            if info.dtype not in FLOAT_DTYPES:
-                raise MegrezError(f"tensor {name} in {info.path.name} is {info.dtype}, not a float type")
-    tied_head = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    shapes = [shape for spec in specs for shape in expected_hf_shapes(spec).items()]
+    shapes += [(v.source, v.source_shape) for v in vision]
+    for name, shape in shapes:
+        needed.add(name)
+        if name not in checkpoint:
+            raise MegrezError(
+                f"tensor {name} is missing from {checkpoint.hf_dir}; the download is incomplete or "
+                "config.json describes another model"
+            )
+        info = checkpoint.info(name)
+        if info.shape != shape:
+            raise MegrezError(
+                f"tensor {name} has shape {list(info.shape)} but config.json implies {list(shape)}; "
+                "the checkpoint and its config.json disagree"
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            raise MegrezError(f"tensor {name} in {info.path.name} is {info.dtype}, not a float type")
+    tied_head = {f"{config.checkpoint_prefix}lm_head.weight"} if config.tie_word_embeddings else set()
     unused = [
         n for n in checkpoint.names() if n not in needed | tied_head and not n.endswith(IGNORED_HF_SUFFIXES)
     ]
+    if config.vision is not None:
+        audio = [n for n in unused if n.startswith(AUDIO_PREFIXES)]
+        if audio:
+            log.info("skipping the %d tensors of the audio encoder (speech is not supported yet)", len(audio))
+        unused = [n for n in unused if not n.startswith(AUDIO_PREFIXES)]
     if unused:
         log.warning(
             "ignoring %d checkpoint tensors the LLaMA graph does not use: %s",
@@ -195,3 +208,18 @@ def write_param(
 
     writer.write(q_weight.name, q_weight.shape, q_weight.dtype, words())
     writer.write(q_scale.name, q_scale.shape, q_scale.dtype, scales)
+
+
+def write_vision_tensor(
+    writer: TensorCacheWriter, checkpoint: Checkpoint, tensor: VisionTensor, scheme: QuantScheme
+) -> None:
+    """One vision parameter, in the scheme's float type (omni/weights.py says why it is not quantized)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        values = tensor.load(checkpoint).astype(scheme.model_dtype, copy=False)
+    if not np.isfinite(values).all():
+        raise MegrezError(
+            f"tensor {tensor.source} holds NaN or infinite values (or values too large for "
+            f"{scheme.model_dtype}); the checkpoint is corrupt (re-download it)"
+        )
+    writer.count_float_params(values.size)
+    writer.write(tensor.name, tensor.shape, scheme.model_dtype, [values])

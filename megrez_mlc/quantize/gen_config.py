@@ -16,6 +16,7 @@ from ..artifacts.tensor_cache import read_index, stored_quantization
 from ..config import load_hf_model_config, load_preset, read_hf_config, read_json_object
 from ..conversation import MEGREZ_STOP_TOKENS, get_template
 from ..errors import MegrezError
+from ..omni.config import ImageProcessorConfig, image_processor_config
 from ..staging import staged_model_dir
 
 log = logging.getLogger("megrez_mlc")
@@ -65,6 +66,7 @@ def gen_config(
             ", ".join(MEGREZ_STOP_TOKENS),
         )
 
+    image_processor = _image_processor(hf_dir, config, specials)
     chat_defaults = (preset_dict or load_preset(DEFAULT_PRESET))["chat"]
     limits = resolve_limits(
         Limits(config.context_window_size, chat_defaults["prefill_chunk_size"], DEFAULT_MAX_BATCH_SIZE),
@@ -85,6 +87,7 @@ def gen_config(
         pad_token_id=specials.get("<|pad|>", 0),
         bos_token_id=hf.get("bos_token_id", specials.get("<|eos|>", 0)),
         eos_token_id=tuple(stop_ids),
+        image_processor=image_processor,
     )
     check_output_quantization(out_dir, scheme, force)
     with staged_model_dir(out_dir, force, superseded=previous_config_files(out_dir)) as staging:
@@ -92,6 +95,16 @@ def gen_config(
             shutil.copyfile(hf_dir / name, staging / name)
         chat_config.write(staging)
     return chat_config
+
+
+def _image_processor(hf_dir: Path, config, specials: dict[str, int]) -> ImageProcessorConfig | None:
+    """An Omni checkpoint's image settings: its preprocessor_config.json (when it has one) over MiniCPM-V's
+    slicing defaults, and the placeholder tokens' ids."""
+    if config.vision is None:
+        return None
+    path = hf_dir / "preprocessor_config.json"
+    preprocessor = read_json_object(path) if path.is_file() else {}
+    return image_processor_config(preprocessor, config.vision, specials)
 
 
 def _token_ids(value: Any, where: str, vocab_size: int) -> list[int]:

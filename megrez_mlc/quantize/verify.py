@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..artifacts.chat_config import read_chat_config
 from ..artifacts.files import CHAT_CONFIG_FILE, INDEX_FILE
-from ..artifacts.param_names import llama_param_specs, stored_tensors
+from ..artifacts.param_names import stored_model_tensors
 from ..artifacts.schemes import get_scheme
 from ..artifacts.tensor_cache import check_shard_sizes, file_md5, read_index, tensor_records
 from ..errors import MegrezError
@@ -73,18 +73,17 @@ def check_tensors_match_chat_config(model_dir: Path, index: dict) -> str | None:
     quantization = chat_config.quantization
     scheme = get_scheme(quantization)
     records = tensor_records(index)
-    for spec in llama_param_specs(chat_config.model_config):
-        for tensor in stored_tensors(spec, scheme):
-            rec = records.get(tensor.name)
-            if rec is None:
-                raise MegrezError(
-                    f"tensor {tensor.name} that {CHAT_CONFIG_FILE} ({quantization}) implies is missing from "
-                    f"{model_dir / INDEX_FILE}; convert and gen-config from the same model and quantization"
-                )
-            if rec.shape != tensor.shape or rec.dtype != tensor.dtype:
-                raise MegrezError(
-                    f"tensor {tensor.name} is {rec.dtype}{list(rec.shape)} in {model_dir / INDEX_FILE} but "
-                    f"{CHAT_CONFIG_FILE} ({quantization}) implies {tensor.dtype}{list(tensor.shape)}; "
-                    "convert and gen-config from the same model and quantization"
-                )
+    for tensor in stored_model_tensors(chat_config.model_config, scheme):
+        rec = records.get(tensor.name)
+        if rec is None:
+            raise MegrezError(
+                f"tensor {tensor.name} that {CHAT_CONFIG_FILE} ({quantization}) implies is missing from "
+                f"{model_dir / INDEX_FILE}; convert and gen-config from the same model and quantization"
+            )
+        if rec.shape != tensor.shape or rec.dtype != tensor.dtype:
+            raise MegrezError(
+                f"tensor {tensor.name} is {rec.dtype}{list(rec.shape)} in {model_dir / INDEX_FILE} but "
+                f"{CHAT_CONFIG_FILE} ({quantization}) implies {tensor.dtype}{list(tensor.shape)}; "
+                "convert and gen-config from the same model and quantization"
+            )
     return quantization

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MegrezError
-from .engine import Engine, GenerationStats
+from .engine import Content, Engine, GenerationStats
 from .sampling import SamplingParams
 from .sequence import Sequence
-from .tokenizer import check_text
 
 log = logging.getLogger("megrez_mlc")
 
@@ -28,7 +27,7 @@ log = logging.getLogger("megrez_mlc")
 @dataclass
 class ChatMessage:
     role: str
-    content: str
+    content: Content  # text, or OpenAI-style content parts (text and images)
     token_ids: list[int]  # the whole rendered message (role header, content, end of message)
 
 
@@ -89,7 +88,7 @@ class ChatSession:
         the next answer), which the next answer does not prefill again."""
         return list(self._cached)
 
-    def add_message(self, role: str, content: str) -> None:
+    def add_message(self, role: str, content: Content) -> None:
         self.history.append(ChatMessage(role, content, self._encode(role, content)))
 
     def load(self, messages: list[dict[str, str]]) -> None:
@@ -101,13 +100,22 @@ class ChatSession:
             pairs = [(m["role"], m["content"]) for m in messages]
         except (KeyError, TypeError):
             raise MegrezError('each message must be a dict with "role" and "content"') from None
-        generated = {(m.role, m.content): m.token_ids for m in self.history if m.role == "assistant"}
+        generated = {
+            (m.role, m.content): m.token_ids
+            for m in self.history
+            if m.role == "assistant" and isinstance(m.content, str)
+        }
         system = self.conversation.system_message
         if pairs[0][0] == "system":
             (_, system), *pairs = pairs
         self.system = system
         self.history = [
-            ChatMessage(role, content, generated.get((role, content)) or self._encode(role, content))
+            ChatMessage(
+                role,
+                content,
+                (generated.get((role, content)) if isinstance(content, str) else None)
+                or self._encode(role, content),
+            )
             for role, content in pairs
         ]
 
@@ -128,8 +136,9 @@ class ChatSession:
 
     # --- answering --------------------------------------------------------------------------------------
 
-    def send(self, content: str) -> Iterator[str]:
-        """Add a user message (now) and stream the answer to it (as the generator is consumed)."""
+    def send(self, content: Content) -> Iterator[str]:
+        """Add a user message (now) and stream the answer to it (as the generator is consumed). The content
+        is text, or OpenAI-style parts with images (`{"type": "image_url", "image_url": {"url": PATH}}`)."""
         needed = len(self._encode("system", self.system) + self._encode("user", content))
         window = self.engine.max_single_sequence_length
         if needed + len(self.generation_prompt_ids) >= window:
@@ -172,7 +181,7 @@ class ChatSession:
             self.history.append(ChatMessage("assistant", text, ids))
             self.stats = request.stats
 
-    def ask(self, content: str) -> str:
+    def ask(self, content: Content) -> str:
         """`send` and wait: the whole answer."""
         return "".join(self.send(content))
 
@@ -190,9 +199,8 @@ class ChatSession:
 
     # --- internals --------------------------------------------------------------------------------------
 
-    def _encode(self, role: str, content: str) -> list[int]:
-        check_text(content, f"the {role} message")  # first, so the error counts characters of the message
-        return self.engine.tokenizer.encode(self.conversation.render_message(role, content))
+    def _encode(self, role: str, content: Content) -> list[int]:
+        return self.engine.encode_message(role, content)
 
     def _prompt(self) -> list[int]:
         return self.token_ids() + self.generation_prompt_ids

@@ -25,6 +25,7 @@ from ..artifacts.chat_config import read_chat_config
 from ..conversation import FUNCTION_CALL_MARKERS, Conversation
 from ..errors import MegrezError
 from .grammar import Grammar, GrammarMatcher, GrammarVocabulary
+from .media import LOCAL_ACCESS, EncodedImage, ImageEncoder, MediaAccess, MediaError, image_url_of, load_image
 from .model_lib import PAGE_SIZE, ModelLibrary, pages_for
 from .request import CallMarkers, GenerationStats, Request, StreamDelta
 from .sampling import SamplingParams
@@ -34,6 +35,12 @@ from .tokenizer import Tokenizer, check_text
 
 class PromptTooLong(MegrezError):
     """The prompt leaves no room for an answer in one sequence (the context window, or a smaller KV cache)."""
+
+
+# Where an image goes in a rendered message before tokenization (U+FFFC, the object replacement character:
+# removed from the text of messages that carry images, so only images make it).
+IMAGE_MARKER = "\ufffc"
+Content = str | list[dict[str, Any]]  # a message's content: text, or OpenAI's content parts
 
 
 @dataclass
@@ -77,6 +84,7 @@ class Engine:
             max_sequences=max_sequences,
         )
         self.conversation = Conversation.from_json(self.chat_config.conv_template)
+        self.image_encoder = self._image_encoder()
         self._grammar_vocabulary: GrammarVocabulary | None = None  # built on first use, under the lock
         self._grammar_lock = threading.Lock()
 
@@ -94,13 +102,76 @@ class Engine:
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**settings)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt for OpenAI-style messages: the chat template, ending with the generation prompt."""
+    def _image_encoder(self) -> ImageEncoder | None:
+        processor, vision = self.chat_config.image_processor, self.chat_config.model_config.vision
+        if processor is None or vision is None or not self.model.has_image_embed:
+            return None
+        return ImageEncoder(self.model, vision, processor, self.tokenizer.encode(processor.row_separator))
+
+    def encode_chat(self, messages: list[dict[str, Any]], media: MediaAccess = LOCAL_ACCESS) -> list[int]:
+        """The prompt for OpenAI-style messages: the chat template, ending with the generation prompt. A
+        message's content is text or a list of parts (`{"type": "text", "text"}`, `{"type": "image_url",
+        "image_url": {"url"}}` with a data: URI, a file:// URL or a path, as `media` allows)."""
         if not messages:
             raise MegrezError("the conversation is empty; give at least one message")
+        rendered, images = [], []
         for message in messages:  # first, so an error counts characters of the message, not of the template
-            check_text(message["content"], f"the {message['role']} message")
-        return self.tokenizer.encode(self.conversation.render(messages))
+            text, message_images = self.content_text(message["role"], message["content"], media)
+            rendered.append({"role": message["role"], "content": text})
+            images += message_images
+        return self._tokenize_with_images(self.conversation.render(rendered), images)
+
+    def encode_message(self, role: str, content: Content, media: MediaAccess = LOCAL_ACCESS) -> list[int]:
+        """One rendered message's tokens (role header, content with its images, end of message)."""
+        text, images = self.content_text(role, content, media)
+        return self._tokenize_with_images(self.conversation.render_message(role, text), images)
+
+    def content_text(self, role: str, content: Content, media: MediaAccess) -> tuple[str, list[EncodedImage]]:
+        """A message's text with an IMAGE_MARKER for each image (followed by a newline, as Megrez-3B-Omni
+        was trained: images, then the text), and the images, encoded."""
+        if isinstance(content, str):
+            check_text(content, f"the {role} message")
+            return content.replace(IMAGE_MARKER, ""), []
+        if not isinstance(content, list):
+            raise MegrezError(f"the {role} message's content must be a string or a list of content parts")
+        texts, images = [], []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                check_text(part["text"], f"the {role} message")
+                texts.append(part["text"].replace(IMAGE_MARKER, ""))
+            elif kind == "image_url":
+                images.append(self.encode_image(load_image(image_url_of(part), media)))
+                texts.append(IMAGE_MARKER + "\n")
+            else:
+                raise MegrezError(
+                    f'the {role} message has a content part of type {kind!r}; use "text" or "image_url" parts'
+                )
+        return "".join(texts), images
+
+    def encode_image(self, image: Any) -> EncodedImage:
+        """A Pillow image as its placeholder tokens (the embeddings' media ids included)."""
+        if self.image_encoder is None:
+            raise MediaError(
+                "this model does not read images; use a Megrez-3B-Omni model converted and compiled by "
+                "this version of megrez-mlc"
+            )
+        return self.image_encoder.encode(image)
+
+    def _tokenize_with_images(self, text: str, images: list[EncodedImage]) -> list[int]:
+        if not images:
+            return self.tokenizer.encode(text)
+        pieces = text.split(IMAGE_MARKER)
+        ids = self.tokenizer.encode(pieces[0])
+        for image, piece in zip(images, pieces[1:]):
+            ids += image.prompt_ids + self.tokenizer.encode(piece)
+        image_tokens = sum(len(image.prompt_ids) for image in images)
+        if len(ids) >= self.max_single_sequence_length:
+            raise PromptTooLong(
+                f"too many images: the prompt's {len(images)} image(s) take {image_tokens} of its {len(ids)} "
+                f"tokens, and the model holds {self.max_single_sequence_length}; send fewer or smaller images"
+            )
+        return ids
 
     def chat_sampling(self, params: SamplingParams) -> SamplingParams:
         """`params` plus the chat format's stop strings, for answers to prompts from encode_chat."""
@@ -189,7 +260,7 @@ class Engine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise MegrezError("the prompt is empty; give at least one token")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
+        if max(ids) >= self.vocab_size or any(t < 0 and not self.model.media.knows(t) for t in ids):
             raise MegrezError(
                 f"the prompt has token ids outside [0, {self.vocab_size}), this model's vocabulary"
             )

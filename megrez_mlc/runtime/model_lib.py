@@ -6,6 +6,7 @@ This is the thin layer over TVM's VM and the paged KV cache: sequence ids in, fl
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from tvm import relax
 from tvm.runtime import ShapeTuple
 
 from ..artifacts.chat_config import Limits, resolve_limits
+from ..artifacts.schemes import get_scheme
 from ..artifacts.tensor_cache import check_shard_sizes, read_index, tensor_records
 from ..errors import MegrezError
 from ..webgpu import DEVICE_BACKENDS, Adapter, device_adapter
+from .media import MediaStore, is_media_id
 from .threads import configure_threads
 
 PAGE_SIZE = 16
@@ -171,6 +174,9 @@ class ModelLibrary:
             )
         }
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
+        # Omni libraries: the vision encoder, and the embeddings of the images in prompts (runtime/media.py)
+        self.has_image_embed = self.vm.module.implements_function("image_embed")
+        self.media = MediaStore()
         self._next_seq_id = 0
         self.sequence_lengths: dict[int, int] = {}
 
@@ -247,13 +253,40 @@ class ModelLibrary:
 
     # --- forward passes ------------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def hidden_size(self) -> int:
+        """Width of the embeddings (what `embed` returns per token)."""
+        return int(
+            self.functions["embed"](
+                tvm.runtime.tensor(np.zeros(1, np.int32), self.device), self.params
+            ).shape[1]
+        )
+
+    def image_embed(self, inputs: Any) -> np.ndarray:
+        """One image slice's embeddings [query_num, hidden] (inputs: omni/images.py SliceInputs)."""
+        if not self.has_image_embed:
+            raise MegrezError("this model library has no image encoder; images need a Megrez-3B-Omni model")
+        dtype = get_scheme(self.metadata["quantization"]).model_dtype
+        args = [
+            tvm.runtime.tensor(inputs.patches.astype(dtype), self.device),
+            tvm.runtime.tensor(inputs.position_ids, self.device),
+            tvm.runtime.tensor(inputs.key_positions.astype(dtype), self.device),
+        ]
+        return self.vm["image_embed"](*args, self.params).numpy().astype(np.float32)
+
     def _embed(self, token_ids: np.ndarray, batch: int) -> Any:
-        """Embeddings of the tokens as [batch, n / batch, hidden] (a view, no copy)."""
-        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocab_size):
+        """Embeddings of the tokens as [batch, n / batch, hidden] (a view, no copy); media ids take their
+        image's rows."""
+        media = is_media_id(token_ids)
+        if token_ids.size and token_ids.max() >= self.vocab_size:
             raise MegrezError(f"token id out of range [0, {self.vocab_size}): {token_ids.tolist()}")
-        ids = tvm.runtime.tensor(token_ids.astype(np.int32), self.device)
+        ids = tvm.runtime.tensor(np.where(media, 0, token_ids).astype(np.int32), self.device)
         embeds = self.functions["embed"](ids, self.params)
         n, hidden = embeds.shape
+        if media.any():
+            rows = embeds.numpy()
+            rows[media] = self.media.rows(token_ids[media])
+            embeds = tvm.runtime.tensor(rows, self.device)
         return self._reshape(embeds, ShapeTuple([batch, n // batch, hidden]))
 
     def _forward(self, seq_ids: list[int], lengths: list[int], call: Any) -> np.ndarray:

@@ -127,6 +127,7 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Iterable[int], penalty: f
     if penalty == 1.0:
         return logits
     ids = np.fromiter(set(seen), dtype=np.int64)
+    ids = ids[ids >= 0]  # media ids (an image's embedding rows in the prompt) are no vocabulary token
     if ids.size == 0:
         return logits
     logits = logits.copy()
