@@ -6,12 +6,15 @@ messages) when stdin is a terminal, and is read line by line otherwise (`echo hi
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 from .errors import MegrezError
 from .home import megrez_home
+from .omni.images import read_image_file
 from .runtime.chat import ChatSession
 
 PROMPT = ">>> "
@@ -22,6 +25,8 @@ HELP = """\
 /set KEY=VALUE;...     sampling settings, e.g. /set temperature=0.5;top_p=0.9
                        (temperature, top_p, top_k, max_tokens, repetition_penalty, seed)
 /system TEXT           set the system prompt (without TEXT: show it)
+/image PATH [TEXT]     attach an image to the next message (Omni models); with TEXT, send it at once
+                       (quote a PATH with spaces: /image "my photo.jpg" What is this?)
 /reset                 start a new conversation
 /exit                  quit (or Ctrl-D)
 Enter sends. End a line with \\ (or press Esc then Enter) to write more lines.
@@ -118,6 +123,7 @@ class ChatRepl:
         self.session = session
         self.read = read
         self.out = out
+        self.images: list[Path] = []  # attached with /image, sent with the next message
 
     def say(self, text: str = "") -> None:
         self.out.write(text + "\n")
@@ -144,7 +150,10 @@ class ChatRepl:
                 self.say(f"error: {err}")
 
     def answer(self, text: str) -> None:
-        deltas = self.session.send(text)
+        from .runtime.media import content_with_images
+
+        images, self.images = self.images, []
+        deltas = self.session.send(content_with_images(text, images))
         try:
             for delta in deltas:
                 self.out.write(delta)
@@ -185,10 +194,33 @@ class ChatRepl:
                 self.say(session.system)
         elif name == "/reset":
             session.reset()
+            self.images = []
             self.say("new conversation")
+        elif name == "/image":
+            self.attach_image(arg)
         else:
             self.say(f"unknown command {name}; /help lists the commands")
         return True
+
+    def attach_image(self, arg: str) -> None:
+        """`/image PATH [TEXT]`: check and keep the image for the next message; send TEXT with it now."""
+        try:
+            words = shlex.split(arg)
+        except ValueError as err:
+            raise MegrezError(f"/image {arg}: {err}") from None
+        if not words:
+            listed = ", ".join(map(str, self.images)) or "none"
+            self.say(f"images for the next message: {listed}")
+            return
+        if self.session.engine.image_encoder is None:
+            raise MegrezError("this model does not read images (use a Megrez-3B-Omni model)")
+        path = Path(words[0]).expanduser()
+        read_image_file(path)  # a missing or broken file is reported now, not with the next message
+        self.images.append(path)
+        if len(words) > 1:
+            self.answer(" ".join(words[1:]))
+        else:
+            self.say(f"image {path} attached; now type your message")
 
 
 def run_chat(

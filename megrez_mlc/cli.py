@@ -428,6 +428,13 @@ def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
     "--prompt", "-p", required=True, callback=_check_prompt, help="The prompt (a user message unless --raw)."
 )
 @click.option("--raw", is_flag=True, help="Tokenize the prompt as is: no chat template, no BOS.")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="An image the prompt is about (repeatable; Megrez-3B-Omni models): it goes before the prompt.",
+)
 @_sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-turn tokens.")
@@ -445,6 +452,7 @@ def generate_cmd(
     device: str,
     prompt: str,
     raw: bool,
+    images: tuple[Path, ...],
     max_tokens: int,
     temperature: float | None,
     top_p: float | None,
@@ -459,7 +467,10 @@ def generate_cmd(
     """Generate one completion."""
     from .runtime import Engine
     from .runtime.grammar import Grammar, GrammarError
+    from .runtime.media import content_with_images
 
+    if raw and images:
+        raise MegrezError("--image needs the chat template; leave out --raw")
     grammar = None
     if json_schema is not None:
         try:
@@ -478,8 +489,9 @@ def generate_cmd(
         stop=list(stop),
         ignore_eos=ignore_eos,
     )
+    content = content_with_images(prompt, list(images))
     prompt_ids = (
-        engine.tokenizer.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": prompt}])
+        engine.tokenizer.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": content}])
     )
     if grammar is not None:
         try:
@@ -595,6 +607,12 @@ def chat_cmd(
 )
 @click.option("--served-model-name", default=None, help="The name clients use (default: MODEL's name).")
 @click.option("--threads", type=COUNT, default=None, help="CPU threads (default: the physical cores).")
+@click.option(
+    "--allowed-media-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Let image_url parts name local files under this folder (default: data: URIs only).",
+)
 @_report_errors
 def serve_cmd(
     model: str,
@@ -611,6 +629,7 @@ def serve_cmd(
     api_key: str | None,
     served_model_name: str | None,
     threads: int | None,
+    allowed_media_dir: Path | None,
 ) -> None:
     """OpenAI-compatible HTTP server with continuous batching. MODEL: as for `chat`."""
     from .serve.server import run_server
@@ -630,6 +649,7 @@ def serve_cmd(
         api_key=api_key,
         served_name=served_model_name,
         threads=threads,
+        allowed_media_dir=allowed_media_dir,
     )
 
 

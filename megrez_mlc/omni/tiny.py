@@ -108,24 +108,24 @@ def random_vision_weights(vision: TinyVision, llm_hidden: int, seed: int) -> dic
     return weights
 
 
-def random_audio_weights(seed: int) -> dict[str, np.ndarray]:
+def random_audio_weights(seed: int, llm_hidden: int) -> dict[str, np.ndarray]:
     """A few tensors under the audio encoder's names: conversion must skip them."""
     rng = np.random.default_rng(seed)
     return {
         "audio.audio.conv1.weight": rng.standard_normal((8, 4, 3)).astype(np.float32),
         "audio.audio.ln_post.weight": np.ones(8, dtype=np.float32),
-        "audio.audio.audio_bos_eos_token.weight": rng.standard_normal((2, OMNI_LLM_SHAPE.hidden_size)).astype(
-            np.float32
-        ),
+        "audio.audio.audio_bos_eos_token.weight": rng.standard_normal((2, llm_hidden)).astype(np.float32),
     }
 
 
-def make_tiny_omni_checkpoint(out_dir: Path, *, seed: int = 0, vision: TinyVision | None = None) -> Path:
+def make_tiny_omni_checkpoint(
+    out_dir: Path, *, seed: int = 0, vision: TinyVision | None = None, shape: TinyShape | None = None
+) -> Path:
     """Write a tiny float32 Omni-shaped HF checkpoint folder; returns it."""
     from safetensors.numpy import save_file
 
     vision = vision or TinyVision()
-    shape = OMNI_LLM_SHAPE
+    shape = shape or OMNI_LLM_SHAPE
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(shape.bpe_vocab)
     tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -151,6 +151,6 @@ def make_tiny_omni_checkpoint(out_dir: Path, *, seed: int = 0, vision: TinyVisio
     llm = random_llama_weights(shape, vocab_size, False, seed)
     weights = {f"llm.{name}": value for name, value in llm.items()}
     weights |= random_vision_weights(vision, shape.hidden_size, seed + 1)
-    weights |= random_audio_weights(seed + 2)
+    weights |= random_audio_weights(seed + 2, shape.hidden_size)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir

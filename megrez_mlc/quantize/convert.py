@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from ..artifacts.int4 import quantize_int4
 from ..artifacts.param_names import ParamSpec, expected_hf_shapes, llama_param_specs, stored_tensors
-from ..omni.weights import AUDIO_PREFIXES, VisionTensor, vision_tensors
 from ..artifacts.schemes import QuantScheme, get_scheme
 from ..artifacts.tensor_cache import TensorCacheWriter, written_files
 from ..config import ModelConfig, load_hf_model_config
 from ..errors import MegrezError
+from ..omni.weights import AUDIO_PREFIXES, VisionTensor, vision_tensors
 from ..staging import staged_model_dir
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .gen_config import check_output_quantization

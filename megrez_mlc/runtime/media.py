@@ -14,6 +14,8 @@ import base64
 import binascii
 import collections
 import hashlib
+import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,31 +50,35 @@ class MediaStore:
         self._images: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._rows: dict[int, np.ndarray] = {}
         self._next_id = -1
+        self._lock = threading.Lock()  # the server's request threads add while its scheduler reads
 
     def ids(self, digest: str) -> list[int] | None:
         """The media ids of an image already encoded, None if it is not here."""
-        ids = self._images.get(digest)
-        if ids is not None:
-            self._images.move_to_end(digest)
-        return ids
+        with self._lock:
+            ids = self._images.get(digest)
+            if ids is not None:
+                self._images.move_to_end(digest)
+            return ids
 
     def add(self, digest: str, rows: np.ndarray) -> list[int]:
-        ids = list(range(self._next_id, self._next_id - len(rows), -1))
-        self._next_id -= len(rows)
-        self._images[digest] = ids
-        self._rows.update(zip(ids, rows))
-        while len(self._images) > self.capacity:
-            _, dropped = self._images.popitem(last=False)
-            for media_id in dropped:
-                del self._rows[media_id]
-        return ids
+        with self._lock:
+            ids = list(range(self._next_id, self._next_id - len(rows), -1))
+            self._next_id -= len(rows)
+            self._images[digest] = ids
+            self._rows.update(zip(ids, rows))
+            while len(self._images) > self.capacity:
+                _, dropped = self._images.popitem(last=False)
+                for media_id in dropped:
+                    del self._rows[media_id]
+            return ids
 
     def knows(self, media_id: int) -> bool:
         return media_id in self._rows
 
     def rows(self, media_ids: np.ndarray) -> np.ndarray:
         try:
-            return np.stack([self._rows[int(i)] for i in media_ids])
+            with self._lock:
+                return np.stack([self._rows[int(i)] for i in media_ids])
         except KeyError:
             raise MegrezError(
                 "the prompt refers to an image whose embeddings are no longer kept; send the image again"
@@ -153,6 +159,15 @@ def image_url_of(part: dict[str, Any]) -> str:
     return url
 
 
+def content_with_images(text: str, images: list[str | Path]) -> str | list[dict[str, Any]]:
+    """A user message's content: the images (paths), then the text, as OpenAI-style parts; plain text when
+    there are no images."""
+    if not images:
+        return text
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": str(p)}} for p in images]
+    return [*parts, {"type": "text", "text": text}]
+
+
 # --- encoding -------------------------------------------------------------------------------------------
 
 
@@ -175,8 +190,6 @@ class ImageEncoder:
         self.newline_ids = newline_ids
 
     def encode(self, image) -> EncodedImage:
-        import time
-
         sliced = slice_image(image, self.processor)
         ids = placeholder_ids(sliced.grid, self.processor, self.newline_ids)
         spans = embedding_spans(ids, self.processor)
@@ -198,7 +211,7 @@ class ImageEncoder:
         limit = max_slice_patches(self.processor)
         if len(inputs.position_ids) > limit:
             raise MediaError(
-                f"the image is too elongated: a slice of {inputs.rows}x{inputs.cols} patches is more than the "
-                f"{limit} the library was compiled for; crop it closer to a square"
+                f"the image is too elongated: a slice of {inputs.rows}x{inputs.cols} patches is more than "
+                f"the {limit} the library was compiled for; crop it closer to a square"
             )
         return self.model.image_embed(inputs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,9 @@ class ModelLibrary:
         # Omni libraries: the vision encoder, and the embeddings of the images in prompts (runtime/media.py)
         self.has_image_embed = self.vm.module.implements_function("image_embed")
         self.media = MediaStore()
+        # The VM runs one call at a time: the server encodes images on a request's worker thread while its
+        # scheduler thread prefills and decodes.
+        self.lock = threading.RLock()
         self._next_seq_id = 0
         self.sequence_lengths: dict[int, int] = {}
 
@@ -272,7 +276,8 @@ class ModelLibrary:
             tvm.runtime.tensor(inputs.position_ids, self.device),
             tvm.runtime.tensor(inputs.key_positions.astype(dtype), self.device),
         ]
-        return self.vm["image_embed"](*args, self.params).numpy().astype(np.float32)
+        with self.lock:
+            return self.vm["image_embed"](*args, self.params).numpy().astype(np.float32)
 
     def _embed(self, token_ids: np.ndarray, batch: int) -> Any:
         """Embeddings of the tokens as [batch, n / batch, hidden] (a view, no copy); media ids take their
@@ -314,6 +319,10 @@ class ModelLibrary:
         """Append each sequence's tokens; returns the logits [b, vocab] after each one's last token.
 
         Longer inputs are split into rounds of at most prefill_chunk_size tokens in all."""
+        with self.lock:
+            return self._prefill(seq_ids, token_lists)
+
+    def _prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         pending = {s: list(t) for s, t in zip(seq_ids, token_lists) if t}
         last_logits: dict[int, np.ndarray] = {}
         while pending:
@@ -352,9 +361,13 @@ class ModelLibrary:
 
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         """Append one token to each sequence; returns logits [b, vocab]."""
+        with self.lock:
+            return self._decode(seq_ids, token_ids)
+
+    def _decode(self, seq_ids: list[int], token_ids: list[int]) -> np.ndarray:
         b = len(seq_ids)
         if 1 < b <= SEQUENTIAL_DECODE_MAX and self.device.dlpack_device_type() == CPU_DEVICE_TYPE:
-            return np.concatenate([self.decode([s], [t]) for s, t in zip(seq_ids, token_ids)])
+            return np.concatenate([self._decode([s], [t]) for s, t in zip(seq_ids, token_ids)])
         embeds = self._embed(np.asarray(token_ids, dtype=np.int32), batch=b)
         name = "decode" if b == 1 else "batch_decode"
         logits = self._forward(

@@ -145,6 +145,18 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is sliced the same way
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class CalledFunction(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     name: str
@@ -161,7 +173,9 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None  # None only in an assistant message with tool calls
+    content: str | list[TextPart | ImagePart] | None = (
+        None  # None only in an assistant message with tool calls
+    )
     tool_calls: list[ToolCall] | None = None  # an assistant's calls; a tool message answers one of them
 
     @model_validator(mode="after")
@@ -173,8 +187,12 @@ class ChatMessage(BaseModel):
     @property
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import MegrezError
 from ..runtime.engine import PromptTooLong
 from ..runtime.grammar import Grammar, GrammarError
+from ..runtime.media import MediaAccess
 from ..runtime.request import StreamDelta
 from ..runtime.sampling import SamplingParams, TokenLogprob
 from .logprobs import chat_logprobs, completion_logprobs
@@ -52,15 +53,24 @@ from .tools import forced_call_grammar, parse_call, template_messages, unparsed_
 log = logging.getLogger("megrez_mlc")
 
 # Request bodies larger than this are refused (413): a prompt that fills Megrez's 32k-token context window
-# is a few hundred kB of JSON, even with every character \u-escaped.
-MAX_BODY_BYTES = 2 * 2**20
+# is a few hundred kB of JSON, even with every character \u-escaped; images come base64-encoded, and one of
+# the largest accepted (omni/images.py MAX_IMAGE_BYTES) takes 4/3 of its size.
+MAX_BODY_BYTES = 48 * 2**20
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.5
 
 
-def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = None) -> FastAPI:
-    """The HTTP API over a started scheduler."""
+def create_app(
+    scheduler: Scheduler,
+    model_name: str,
+    *,
+    api_key: str | None = None,
+    allowed_media_dir: Path | None = None,
+) -> FastAPI:
+    """The HTTP API over a started scheduler. Images come as data: URIs, or as local files when
+    `allowed_media_dir` is given (only files under it); nothing is fetched from the network."""
+    media = MediaAccess(local_files=allowed_media_dir is not None, allowed_dir=allowed_media_dir)
     app = FastAPI(title="megrez-mlc", docs_url=None, redoc_url=None, openapi_url=None)
     engine = scheduler.engine
     created = int(time.time())
@@ -139,7 +149,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
         body = await _parse(request, ChatCompletionRequest)
         check_model(body.model)
         messages = template_messages(body, engine.conversation.system_message)
-        prompt_ids = await _tokenize(engine.encode_chat, messages, "messages")
+        prompt_ids = await _tokenize(lambda m: engine.encode_chat(m, media), messages, "messages")
         forced_call = forced_call_grammar(body)
         grammar = forced_call or response_grammar(body.response_format)
         calls = bool(body.tools) and body.tool_choice != "none"
@@ -431,6 +441,7 @@ def run_server(
     api_key: str | None = None,
     served_name: str | None = None,
     threads: int | None = None,
+    allowed_media_dir: Path | None = None,
 ) -> None:
     """Prepare MODEL (as `chat` does), load it on the engine loop's thread and serve until Ctrl-C.
     `prefix_cache`: finished sequences kept for reuse (default: max_num_sequence; 0: none)."""
@@ -463,7 +474,7 @@ def run_server(
         ).start()
         name = served_name or served_model_name(model)
         try:
-            app = create_app(scheduler, name, api_key=api_key)
+            app = create_app(scheduler, name, api_key=api_key, allowed_media_dir=allowed_media_dir)
             status = scheduler.status()
             log.info(
                 "serving %s on http://%s:%d/v1 "

@@ -15,7 +15,7 @@ from ..runtime.grammar import JSON_WHITESPACE, Grammar
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, NamedToolChoice
 
 
-def template_messages(body: ChatCompletionRequest, default_system: str) -> list[dict[str, str]]:
+def template_messages(body: ChatCompletionRequest, default_system: str) -> list[dict[str, Any]]:
     """The request's messages as the chat template takes them ({"role", "content"}), the functions on
     offer after the system message (the model's default one when the request has none)."""
     messages = [_template_message(message, n) for n, message in enumerate(body.messages)]
@@ -28,8 +28,14 @@ def template_messages(body: ChatCompletionRequest, default_system: str) -> list[
     return messages
 
 
-def _template_message(message: ChatMessage, n: int) -> dict[str, str]:
-    """One message: "developer" is OpenAI's newer "system"; an assistant's calls follow its text."""
+def _template_message(message: ChatMessage, n: int) -> dict[str, Any]:
+    """One message: "developer" is OpenAI's newer "system"; an assistant's calls follow its text; a user
+    message with images keeps its parts (text and image_url) for the engine to encode."""
+    if message.has_images:
+        if message.role != "user":
+            raise APIError(400, f"messages.{n}: only user messages may hold images", param="messages")
+        parts = [part.model_dump(exclude_none=True) for part in message.content]
+        return {"role": "user", "content": parts}
     content = message.text
     for k, call in enumerate(message.tool_calls or []):
         param = f"messages.{n}.tool_calls.{k}.function.arguments"
