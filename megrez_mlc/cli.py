@@ -661,6 +661,12 @@ def serve_cmd(
 @click.option("--batch", type=COUNT, default=1, show_default=True, help="Sequences decoded together.")
 @click.option("--threads", type=COUNT, default=None, help="CPU threads (default: the physical cores).")
 @click.option("--runs", type=COUNT, default=3, show_default=True, help="Measured runs (the median is shown).")
+@click.option(
+    "--image",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Omni models: also encode this image, slice by slice, and put it before every prompt.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
 @_report_errors
 def bench_cmd(
@@ -672,6 +678,7 @@ def bench_cmd(
     batch: int,
     threads: int | None,
     runs: int,
+    image: Path | None,
     as_json: bool,
 ) -> None:
     """Measure prefill and decode speed (random prompts, greedy decoding)."""
@@ -686,14 +693,19 @@ def bench_cmd(
         batch=batch,
         threads=threads,
         runs=runs,
+        image=image,
     )
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return
+    with_image = f" + {result.image_tokens} image tok" if image else ""
     click.echo(
-        f"{model} on {device}, {result.threads} threads; prompt {prompt_len} tok, generate {gen_len} "
-        f"tok, batch {batch}; median of {runs} runs"
+        f"{model} on {device}, {result.threads} threads; prompt {prompt_len} tok{with_image}, generate "
+        f"{gen_len} tok, batch {batch}; median of {runs} runs"
     )
+    if image is not None:
+        per_slice = result.image_encode_ms_per_slice
+        click.echo(f"  {'image encode':<20}{per_slice:8.0f} ms/slice ({result.image_slices} slices)")
     for label, value in (
         ("prefill", f"{result.prefill_tok_s:8.1f} tok/s"),
         ("decode", f"{result.decode_tok_s:8.1f} tok/s"),
@@ -711,13 +723,17 @@ def bench_cmd(
     help="Where to build the demo (default: $MEGREZ_MLC_HOME/demo).",
 )
 @click.option("--quantization", "-q", default="q4f32_1", show_default=True)
-@click.option("--prompt", "-p", default="你好，Megrez！", show_default=True)
+@click.option(
+    "--prompt", "-p", default=None, help="The prompt (default: a greeting, or a question on the image)."
+)
+@click.option("--omni", is_flag=True, help="A tiny Megrez-3B-Omni and a synthetic image: the image path.")
 @_report_errors
-def demo_cmd(workdir: Path | None, quantization: str, prompt: str) -> None:
+def demo_cmd(workdir: Path | None, quantization: str, prompt: str | None, omni: bool) -> None:
     """Build a tiny random Megrez-shaped model and run the whole pipeline on it."""
     from .demo import run_demo
 
-    run_demo(workdir, quantization, prompt, echo=click.echo)
+    prompt = prompt or ("图片里有什么？" if omni else "你好，Megrez！")
+    run_demo(workdir, quantization, prompt, echo=click.echo, omni=omni)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,45 @@ from typing import TypeVar
 
 from .compile.compiler import compile_model
 from .home import megrez_home
+from .omni.images import read_image_file
+from .omni.tiny import make_tiny_omni_checkpoint
 from .quantize.convert import convert_weight
 from .quantize.gen_config import gen_config
 from .runtime import Engine
+from .runtime.engine import Content
+from .runtime.media import content_with_images
 from .tiny import make_tiny_checkpoint
 
 T = TypeVar("T")
+DEMO_IMAGE_SIZE = (300, 170)  # width x height: a source and a 3 x 1 grid of slices at the tiny model's scale
+
+
+def synthetic_image(path: Path) -> Path:
+    """A deterministic picture (colour gradients and a disc) for the Omni demo."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = DEMO_IMAGE_SIZE
+    y, x = np.mgrid[0:height, 0:width]
+    disc = (x - width / 3) ** 2 + (y - height / 2) ** 2 < (height / 3) ** 2
+    pixels = np.stack([x * 255 // width, y * 255 // height, np.where(disc, 230, 40)], axis=-1)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
 
 
 def run_demo(
-    workdir: Path | None, quantization: str, prompt: str, echo: Callable[[str], None] = print
+    workdir: Path | None,
+    quantization: str,
+    prompt: str,
+    echo: Callable[[str], None] = print,
+    omni: bool = False,
 ) -> str:
-    """Build, convert, compile and generate; returns the generated text."""
+    """Build, convert, compile and generate; returns the generated text. `omni`: a tiny random
+    Megrez-3B-Omni and a synthetic image, through the image path."""
     workdir = workdir or megrez_home() / "demo"
-    hf_dir, model_dir = workdir / "tiny-megrez-hf", workdir / f"tiny-megrez-{quantization}"
-    lib = model_dir / f"tiny-megrez-{quantization}-cpu.so"
+    name = "tiny-megrez-omni" if omni else "tiny-megrez"
+    hf_dir, model_dir = workdir / f"{name}-hf", workdir / f"{name}-{quantization}"
+    lib = model_dir / f"{name}-{quantization}-cpu.so"
     shutil.rmtree(hf_dir, ignore_errors=True)
     shutil.rmtree(model_dir, ignore_errors=True)
 
@@ -34,7 +58,13 @@ def run_demo(
         echo(f"[{time.perf_counter() - start:6.2f} s] {title}")
         return result
 
-    step(f"checkpoint: tiny random Megrez-shaped model -> {hf_dir}", lambda: make_tiny_checkpoint(hf_dir))
+    if omni:
+        step(
+            f"checkpoint: tiny random Megrez-3B-Omni-shaped model -> {hf_dir}",
+            lambda: make_tiny_omni_checkpoint(hf_dir),
+        )
+    else:
+        step(f"checkpoint: tiny random Megrez-shaped model -> {hf_dir}", lambda: make_tiny_checkpoint(hf_dir))
     step(
         f"convert-weight --quantization {quantization} -> {model_dir}",
         lambda: convert_weight(hf_dir, model_dir, quantization),
@@ -43,10 +73,23 @@ def run_demo(
     step(f"compile --target cpu -> {lib.name}", lambda: compile_model(model_dir, "cpu", lib))
     engine = step("load engine", lambda: Engine(model_dir, lib))
     params = engine.default_sampling(max_tokens=24, temperature=0.0)
-    prompt_ids = engine.encode_chat([{"role": "user", "content": prompt}])
+    content: Content = prompt
+    image_option = ""
+    if omni:
+        image = synthetic_image(workdir / "demo-image.png")
+        encoded = step(
+            f"encode {image.name} (slice, image_embed)", lambda: engine.encode_image(read_image_file(image))
+        )
+        width, height = DEMO_IMAGE_SIZE
+        echo(f"image: {width}x{height}, {encoded.slices} slices, {len(encoded.prompt_ids)} tokens")
+        content = content_with_images(prompt, [image])
+        image_option = f" --image {image}"
+    prompt_ids = engine.encode_chat([{"role": "user", "content": content}])
     result = step("generate (greedy, 24 tokens)", lambda: engine.generate(prompt_ids, params))
     echo(f"prompt: {prompt}")
     echo(f"output ({len(result.token_ids)} tokens, random weights, so gibberish): {result.text!r}")
     echo(f"token ids: {result.token_ids}")
-    echo(f"try it: megrez-mlc generate {model_dir} --model-lib {lib} --prompt '{prompt}'")
+    echo(f"try it: megrez-mlc generate {model_dir} --model-lib {lib}{image_option} --prompt '{prompt}'")
+    if omni:
+        echo(f"   or: megrez-mlc chat {model_dir} --model-lib {lib}   (then /image {image} What is this?)")
     return result.text

@@ -1,12 +1,13 @@
-"""The reference Megrez-3B-Omni image path in torch, for the Omni tests: transformers' Idefics2VisionTransformer
-for the tower, a resampler written here from the public description (64 learned queries of the LLM width;
-kv_proj, ln_kv, keys + 2-D sin-cos positions, ln_q on the queries, one nn.MultiheadAttention of hidden/128
-heads, ln_post, then x @ proj), and LlamaForCausalLM over inputs_embeds with the image rows written in."""
+"""The reference Megrez-3B-Omni image path in torch, for the Omni tests.
+
+transformers' Idefics2VisionTransformer for the tower; a resampler written here from the public description
+(learned queries of the LLM width; kv_proj, ln_kv, keys + 2-D sin-cos positions, ln_q on the queries, one
+nn.MultiheadAttention of hidden/128 heads, ln_post, then x @ proj); LlamaForCausalLM over inputs_embeds with
+the image rows written in."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +99,3 @@ class OmniOracle:
             out.append(token)
             logits_input = self.llm.get_input_embeddings()(torch.tensor([[token]]))
         return out
-
-
-def slices_of(image, processor) -> list[np.ndarray]:
-    from megrez_mlc.omni.images import slice_image
-
-    return list(slice_image(image, processor).all_slices)
-
-
-assert math  # used by callers' tolerances

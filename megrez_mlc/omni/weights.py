@@ -51,8 +51,8 @@ def _same(name: str, *shape: int) -> VisionTensor:
 
 
 def _linear(name: str, out_features: int, in_features: int, bias: bool = True) -> list[VisionTensor]:
-    weight = [_same(f"{name}.weight", out_features, in_features)]
-    return weight + [_same(f"{name}.bias", out_features)] if bias else weight
+    weight = _same(f"{name}.weight", out_features, in_features)
+    return [weight, _same(f"{name}.bias", out_features)] if bias else [weight]
 
 
 def _norm(name: str, width: int) -> list[VisionTensor]:

@@ -3,6 +3,9 @@
 Each run prefills `batch` random prompts of `prompt_len` tokens, then decodes `gen_len` tokens for all of
 them together (greedy), timing the two phases apart. A first run warms caches and is not counted; the
 median of the counted runs is reported.
+
+With an image (Omni models), each run also encodes the image's slices one by one (image_embed, timed per
+slice), and every prompt starts with the image's placeholder: the prefill includes the image tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts.chat_config import read_chat_config
 from ..errors import MegrezError
+from ..omni.images import read_image_file, slice_image
 from .engine import Engine
 
 
@@ -31,6 +36,9 @@ class BenchResult:
     batch: int
     threads: int
     runs: int
+    image_slices: int = 0
+    image_tokens: int = 0  # of each prompt, beside prompt_len text tokens
+    image_encode_ms_per_slice: float = 0.0
 
     def to_json(self) -> dict:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -68,24 +76,40 @@ def run_bench(
     threads: int | None = None,
     runs: int = 3,
     seed: int = 0,
+    image: Path | None = None,
 ) -> BenchResult:
     if min(prompt_len, gen_len, batch, runs) < 1:
         raise MegrezError("--prompt-len, --gen-len, --batch and --runs must be at least 1")
+    image_room = 0  # KV-cache room for each prompt's image tokens: at most every slice, a newline per row
+    if image is not None:
+        processor = read_chat_config(model_dir)[1].image_processor
+        if processor is None:
+            raise MegrezError(f"{model_dir} is not a Megrez-3B-Omni model, so --image does not apply")
+        image_room = (processor.max_slice_nums + 1) * (processor.query_num + 2 + 4)
     engine = Engine(
         model_dir,
         model_lib,
         device,
         max_batch_size=batch,
-        max_total_seq_len=batch * (prompt_len + gen_len),
+        max_total_seq_len=batch * (prompt_len + gen_len + image_room),
         threads=threads,
     )
-    if prompt_len + gen_len > engine.context_window_size:
+    placeholder, encode_s = [], 0.0
+    if image is not None:
+        pixels = read_image_file(image)
+        placeholder = engine.encode_image(pixels).prompt_ids  # also the warm-up of image_embed
+        slices = slice_image(pixels, engine.image_encoder.processor).all_slices
+        timings = [_encode_slices(engine, slices) for _ in range(runs)]
+        encode_s = statistics.median(timings)
+    total = len(placeholder) + prompt_len + gen_len
+    if total > engine.context_window_size:
         raise MegrezError(
-            f"--prompt-len + --gen-len = {prompt_len + gen_len} exceeds the library's context window "
-            f"({engine.context_window_size}); compile with a larger --context-window-size"
+            f"--prompt-len + --gen-len (+ the image's {len(placeholder)} tokens) = {total} exceeds the "
+            f"library's context window ({engine.context_window_size}); compile with a larger "
+            "--context-window-size"
         )
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, engine.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    prompts = [placeholder + rng.integers(0, engine.vocab_size, prompt_len).tolist() for _ in range(batch)]
     _one_run(engine, prompts, min(gen_len, 4))  # warm-up: page in weights, start the thread pool
     measured = [_one_run(engine, prompts, gen_len) for _ in range(runs)]
     prefill_s = statistics.median(r.prefill_s for r in measured)
@@ -93,7 +117,7 @@ def run_bench(
     decode_s = statistics.median(r.decode_s for r in measured)
     decoded = batch * (gen_len - 1)  # the first token of each sequence comes from the prefill
     return BenchResult(
-        prefill_tok_s=batch * prompt_len / prefill_s,
+        prefill_tok_s=batch * len(prompts[0]) / prefill_s,
         decode_tok_s=decoded / decode_s if decoded else 0.0,
         ttft_ms=first_token_s * 1e3,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -102,4 +126,15 @@ def run_bench(
         batch=batch,
         threads=engine.threads,
         runs=runs,
+        image_slices=len(slices) if image is not None else 0,
+        image_tokens=len(placeholder),
+        image_encode_ms_per_slice=encode_s / len(slices) * 1e3 if image is not None else 0.0,
     )
+
+
+def _encode_slices(engine: Engine, slices: tuple[np.ndarray, ...]) -> float:
+    """Seconds to run every slice through image_embed (the media cache bypassed)."""
+    start = time.perf_counter()
+    for pixels in slices:
+        engine.image_encoder.encode_slice(pixels)
+    return time.perf_counter() - start
