@@ -24,7 +24,7 @@ from megrez_mlc.omni.tiny import OMNI_LLM_SHAPE, TinyVision, make_tiny_omni_chec
 from megrez_mlc.runtime import Engine
 from megrez_mlc.runtime.chat import ChatSession
 from megrez_mlc.runtime.engine import PromptTooLong
-from megrez_mlc.runtime.media import LOCAL_ACCESS, MediaAccess, MediaError
+from megrez_mlc.runtime.media import LOCAL_ACCESS, MediaAccess, MediaError, content_with_images
 
 from .conftest import BuiltModel, build, run_cli
 from .omni_oracle import OmniOracle, sincos_reference
@@ -284,14 +284,15 @@ def test_a_chat_keeps_its_cache_across_turns_with_an_image(engine: Engine) -> No
         chat.ask(first)
         chat.ask("And the colours?")
         second_prefill = chat.stats.prefill_tokens
-        conversation = chat.messages[:-1]
         ids = chat.history[-1].token_ids
+        # the second prompt exactly as the session fed it (the first answer as generated), run from scratch
+        prompt = chat.token_ids()[: -len(ids)] + chat.generation_prompt_ids
         answer = ids[len(chat.generation_prompt_ids) : len(ids) - len(chat.answer_end_ids)]
         turn = len(engine.encode_message("user", "And the colours?"))
         # the new turn, the first answer's end and its last token (sampled, never fed back)
         new = turn + len(chat.generation_prompt_ids) + len(chat.answer_end_ids) + 1
     assert second_prefill == new  # the image (4 slices x 16 rows) is not prefilled again
-    fresh = engine.generate(engine.encode_chat(conversation), engine.default_sampling(**settings))
+    fresh = engine.generate(prompt, engine.default_sampling(**settings))
     assert answer == fresh.token_ids
 
 
@@ -368,7 +369,7 @@ def test_generate_with_an_image_answers_as_the_engine(engine: Engine, omni_built
     assert proc.returncode == 1 and proc.stderr.startswith("error: image ") and proc.stderr.count("\n") == 1
 
 
-def test_chat_image_command(omni_built, tmp_path: Path) -> None:
+def test_chat_image_command(omni_built, engine: Engine, tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -398,7 +399,10 @@ def test_chat_image_command(omni_built, tmp_path: Path) -> None:
     assert any(line.startswith("error: cannot read image") for line in out)
     stats = next(line for line in out if line.startswith("prefill: "))
     prefill = int(re.match(r"prefill: (\d+) tok", stats).group(1))
-    assert prefill < 60  # the second image is cached, and the first turn too: only the new turn's tokens
+    # the second turn prefills only itself (its image, encoded once, at new positions), not the first turn
+    session = ChatSession(engine)
+    turn = engine.encode_message("user", content_with_images("Again?", [tmp_path / "a b.png"]))
+    assert prefill == len(turn) + len(session.generation_prompt_ids) + len(session.answer_end_ids) + 1
 
 
 def test_bench_reports_the_image(omni_built, tmp_path: Path) -> None:
@@ -464,11 +468,7 @@ def test_image_embed_compiles_with_every_operator_on_device(
 def test_image_embed_on_vulkan_matches_the_cpu(omni_gpu_model, tmp_path: Path) -> None:
     from megrez_mlc.compile.compiler import compile_model
     from megrez_mlc.runtime.model_lib import ModelLibrary
-    from megrez_mlc.webgpu import wgpu_unavailable_reason
 
-    reason = wgpu_unavailable_reason("vulkan")
-    if reason:
-        pytest.fail(f"lavapipe is part of the test set-up: {reason}")
     model_dir = omni_gpu_model["q4f32_1"]
     compile_model(model_dir, "cpu", tmp_path / "cpu.so")
     compile_model(model_dir, "vulkan", tmp_path / "vulkan.so")
@@ -480,3 +480,92 @@ def test_image_embed_on_vulkan_matches_the_cpu(omni_gpu_model, tmp_path: Path) -
         inputs = slice_inputs(pixels, cpu.chat_config.model_config.vision, 256)
         expected = cpu.model.image_embed(inputs)
         np.testing.assert_allclose(gpu.image_embed(inputs), expected, atol=1e-4 * np.abs(expected).max())
+
+
+# --- the OpenAI server -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("media")
+    picture(180, 120, seed=20).save(folder / "allowed.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(omni_built, media_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from .test_serve import serving
+
+    with serving(
+        omni_built("q0f32"), tmp_path_factory.mktemp("omni-serve"), "--allowed-media-dir", str(media_dir)
+    ) as s:
+        yield s
+
+
+def test_the_openai_client_sends_an_image(server, engine: Engine, media_dir: Path) -> None:
+    from .test_serve import MODEL_NAME
+
+    image = picture(220, 160, seed=21)
+    content = [image_part(data_uri(image)), {"type": "text", "text": QUESTION}]
+    messages = [{"role": "user", "content": content}]
+    reply = server.client().chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        temperature=0,
+        max_tokens=MAX_NEW,
+        extra_body={"repetition_penalty": 1.0},
+    )
+    expected = engine.generate(engine.encode_chat(messages), greedy_params(engine))
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == len(engine.encode_chat(messages))
+    # the next turn, the image still in the history, reuses the cached prefix
+    follow = [
+        *messages,
+        {"role": "assistant", "content": expected.text},
+        {"role": "user", "content": "More?"},
+    ]
+    again = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=follow, temperature=0, max_tokens=4
+    )
+    assert again.usage.prompt_tokens == len(engine.encode_chat(follow))
+    assert server.health()["prefix_cache"]["hits"] >= 1
+    local = [image_part(str(media_dir / "allowed.png")), {"type": "text", "text": "?"}]
+    inside = server.client().chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": local}], max_tokens=2
+    )
+    assert inside.usage.prompt_tokens == len(engine.encode_chat([{"role": "user", "content": local}]))
+
+
+@pytest.mark.parametrize(
+    "url,message",
+    [
+        ("data:image/png;base64," + base64.b64encode(b"not an image at all").decode(), "is not an image"),
+        ("data:text/plain;base64,aGVsbG8=", "holds text/plain, not an image"),
+        ("https://example.com/cat.png", "never fetched from the network"),
+        ("/etc/hostname", "outside the allowed media folder"),
+    ],
+)
+def test_the_server_answers_400_for_a_bad_image(server, url: str, message: str) -> None:
+    response = server.post(
+        "/v1/chat/completions",
+        json={
+            "model": "tiny-megrez",
+            "messages": [{"role": "user", "content": [image_part(url)]}],
+            "max_tokens": 2,
+        },
+    )
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+def test_the_server_answers_400_for_too_many_images(server) -> None:
+    parts = [image_part(data_uri(picture(400, 400, seed=s))) for s in range(9)]
+    body = {"model": "tiny-megrez", "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+    response = server.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert "too many images" in response.json()["error"]["message"]
+    images_in_system = [{"role": "system", "content": [image_part(data_uri(picture(30, 30, 1)))]}]
+    response = server.post(
+        "/v1/chat/completions", json={"model": "tiny-megrez", "messages": images_in_system}
+    )
+    assert response.status_code == 400 and "only user messages" in response.json()["error"]["message"]
