@@ -204,8 +204,9 @@ def slice_batch(engine: Engine, image: Image.Image):
     return slice_image(image, engine.chat_config.image_processor).all_slices
 
 
-# Measured on the tiny model: q0f32 and q4f32_1 ~2e-5 (float32 vision weights in both), q4f16_1 ~1.5e-2.
-EMBED_TOLERANCE = {"q0f32": 2e-4, "q4f32_1": 2e-4, "q4f16_1": 6e-2}
+# Largest error relative to the largest value, measured on this picture: q0f32 and q4f32_1 2.7e-6 (float32
+# vision weights in both), q4f16_1 4.2e-3 (float16 weights and activations).
+EMBED_TOLERANCE = {"q0f32": 3e-5, "q4f32_1": 3e-5, "q4f16_1": 2e-2}
 
 
 @pytest.mark.parametrize("quantization", list(EMBED_TOLERANCE))
@@ -452,7 +453,8 @@ def omni_gpu_model(tmp_path_factory: pytest.TempPathFactory):
     return models
 
 
-@pytest.mark.parametrize("target", ["cuda", "opencl", "metal", "webgpu", "android", "iphone", "vulkan"])
+# Each GPU code generator once: android is opencl's, iphone metal's, and vulkan (run below) webgpu's.
+@pytest.mark.parametrize("target", ["cuda", "opencl", "metal"])
 def test_image_embed_compiles_with_every_operator_on_device(
     omni_gpu_model, target: str, tmp_path: Path
 ) -> None:

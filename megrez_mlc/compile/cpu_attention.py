@@ -344,6 +344,17 @@ def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
                     acc[r, d] = acc[r, d] + scores[j] * v_block[j, d]
 
     @T.macro
+    def load_keys(k, v, k_t, v_block, first_key, key_first, key_count, kv_head):
+        """One block of keys (transposed, [head_dim, KEY_BLOCK]) and values in float32, rows past the
+        sequence's end repeating its last one (their scores are masked)."""
+        for j in T.serial(KEY_BLOCK):
+            key: T.let[T.int32] = first_key + key_first + T.min(j, key_count - 1)
+            for d in T.serial(head_dim):
+                k_t[d, j] = T.Cast("float32", k[key, kv_head, d])
+            for d in T.vectorized(head_dim):
+                v_block[j, d] = T.Cast("float32", v[key, kv_head, d])
+
+    @T.macro
     def store(output, lse, acc, row_max, row_sum, first_row, q_count, kv_head):
         for r in T.serial(rows):
             if r // group < q_count:
@@ -353,7 +364,7 @@ def _prefill_tile_macros(group: int, head_dim: int, dtype: str):
                     )
                 lse[first_row + r // group, kv_head * group + r % group] = row_max[r] + T.log2(row_sum[r])
 
-    return start_tile, attend, store
+    return start_tile, attend, load_keys, store
 
 
 def _interleaved_tile(task: int, tiles: int):
@@ -367,7 +378,7 @@ def ragged_prefill_attention_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
     queries, keys and values, ragged over the batch."""
     group = num_qo_heads // num_kv_heads
     rows = QUERY_BLOCK * group
-    start_tile, attend, store = _prefill_tile_macros(group, head_dim, dtype)
+    start_tile, attend, load_keys, store = _prefill_tile_macros(group, head_dim, dtype)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -451,12 +462,7 @@ def ragged_prefill_attention_cpu(num_kv_heads: int, num_qo_heads: int, head_dim:
                         for block in T.serial((visible + KEY_BLOCK - 1) // KEY_BLOCK):
                             key_first: T.let[T.int32] = block * KEY_BLOCK
                             key_count: T.let[T.int32] = T.min(KEY_BLOCK, visible - key_first)
-                            for j in T.serial(KEY_BLOCK):
-                                key: T.let[T.int32] = kv_indptr[b] + key_first + T.min(j, key_count - 1)
-                                for d in T.serial(head_dim):
-                                    k_t[d, j] = T.Cast("float32", k[key, kv_head, d])
-                                for d in T.vectorized(head_dim):
-                                    v_block[j, d] = T.Cast("float32", v[key, kv_head, d])
+                            load_keys(k, v, k_t, v_block, kv_indptr[b], key_first, key_count, kv_head)
                             attend(
                                 q_tile,
                                 k_t,
@@ -485,7 +491,7 @@ def paged_prefill_attention_cpu(
     assert page_size == KEY_BLOCK, "one key block is one page"
     group = num_qo_heads // num_kv_heads
     rows = QUERY_BLOCK * group
-    start_tile, attend, store = _prefill_tile_macros(group, head_dim, dtype)
+    start_tile, attend, _, store = _prefill_tile_macros(group, head_dim, dtype)  # keys: from pages, below
 
     @T.prim_func(s_tir=True)
     def batch_prefill_paged_kv_cpu(
@@ -610,7 +616,7 @@ def full_attention_cpu(num_heads: int, head_dim: int, dtype: str):
     head_dim], for the vision tower (its patches attend to each other) and the resampler (its queries to the
     patches): the prefill kernel's tiles and online softmax, over one sequence. Outputs the attention and
     each row's log2-sum-exp (unused, as the tile macros write it)."""
-    start_tile, attend, store = _prefill_tile_macros(1, head_dim, dtype)
+    start_tile, attend, load_keys, store = _prefill_tile_macros(1, head_dim, dtype)
 
     @T.prim_func(s_tir=True)
     def full_attention(
@@ -651,12 +657,7 @@ def full_attention_cpu(num_heads: int, head_dim: int, dtype: str):
                     for block in T.serial((kv + KEY_BLOCK - 1) // KEY_BLOCK):
                         key_first: T.let[T.int32] = block * KEY_BLOCK
                         key_count: T.let[T.int32] = T.min(KEY_BLOCK, kv - key_first)
-                        for j in T.serial(KEY_BLOCK):
-                            key: T.let[T.int32] = key_first + T.min(j, key_count - 1)
-                            for d in T.serial(head_dim):
-                                k_t[d, j] = T.Cast("float32", k[key, head, d])
-                            for d in T.vectorized(head_dim):
-                                v_block[j, d] = T.Cast("float32", v[key, head, d])
+                        load_keys(k, v, k_t, v_block, 0, key_first, key_count, head)
                         attend(
                             q_tile,
                             k_t,

@@ -22,37 +22,9 @@ from tvm.target import Target
 
 from ..config import ModelConfig
 from . import cpu_attention, ops
+from .layers import Embedding, Linear, compiling_for_cpu
 from .rope_kernel import split_rotary
-
-
-def compiling_for_cpu() -> bool:
-    """Whether the graph is being traced for a CPU (`MegrezForCausalLM.export_tvm` enters its target)."""
-    return Target.current(allow_none=False).kind.name == "llvm"
-
-
-class Linear(nn.Module):
-    """y = x @ W^T (+ b), W [out, in] stored as `.weight` and, when the checkpoint has one, b as `.bias`."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter((out_features, in_features))
-        self.bias = nn.Parameter((out_features,)) if bias else None
-
-    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
-        out_dtype = out_dtype or self.weight.dtype
-        y = op.tensor_expr_op(lambda a, w: ops.matmul_nt(a, w, out_dtype), "matmul", [x, self.weight])
-        return y if self.bias is None else y + self.bias
-
-
-class Embedding(Linear):
-    """Token embedding table [vocab, hidden]; with tied weights it doubles as the lm_head matmul."""
-
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__(hidden_size, vocab_size)
-
-    def lookup(self, ids: Tensor) -> Tensor:
-        return op.tensor_expr_op(ops.take_rows, "take", [self.weight, ids])
+from .vision import OmniVision
 
 
 class Attention(nn.Module):
@@ -165,8 +137,6 @@ class MegrezForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.vision is not None:  # after the LLM's: its parameters keep their places
-            from .vision import OmniVision
-
             self.vision = OmniVision(config.vision, config.hidden_size)
 
     def export_tvm(self, spec: nn.spec.ModuleSpecType, **options: Any) -> Any:

@@ -17,7 +17,7 @@ from ..artifacts.int4 import quantized_shapes
 from ..artifacts.schemes import QuantScheme
 from . import ops
 from .int8_matmul import DotIsa, int8_gemm_kernel, int8_gemv_kernel
-from .model import Embedding, Linear, compiling_for_cpu
+from .layers import Embedding, Linear, compiling_for_cpu
 from .vision import FloatLinear
 
 

@@ -17,7 +17,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from ..omni.config import VisionConfig
 from . import cpu_attention, ops
-from .model import Linear, compiling_for_cpu
+from .layers import Linear, compiling_for_cpu
 
 LAYER_NORM_EPS = 1e-6  # the resampler's LayerNorms
 _GELU_K = math.sqrt(2 / math.pi)
