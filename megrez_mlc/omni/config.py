@@ -73,10 +73,6 @@ class VisionConfig:
             )
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def patches_per_side(self) -> int:
         """Rows (and columns) of the learned position-embedding grid."""
         return self.image_size // self.patch_size
@@ -150,10 +146,6 @@ class ImageProcessorConfig:
     unk: str
     row_separator: str
     token_ids: dict[str, int]
-
-    @property
-    def marker_tokens(self) -> tuple[str, ...]:
-        return (self.image_start, self.image_end, self.slice_start, self.slice_end, self.unk)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -145,9 +146,9 @@ def decode_image(data: bytes, what: str = "the image"):
         raise MegrezError(f"{what} cannot be decoded: {err}") from None
 
 
-def read_image_file(path) -> object:
+def read_image_file(path: str | Path):
     try:
-        data = open(path, "rb").read()  # noqa: SIM115 (read whole, closed at once)
+        data = Path(path).read_bytes()
     except OSError as err:
         raise MegrezError(f"cannot read image {path}: {err.strerror or err}") from None
     return decode_image(data, f"image {path}")
