@@ -139,14 +139,15 @@ class ChatSession:
     def send(self, content: Content) -> Iterator[str]:
         """Add a user message (now) and stream the answer to it (as the generator is consumed). The content
         is text, or OpenAI-style parts with images (`{"type": "image_url", "image_url": {"url": PATH}}`)."""
-        needed = len(self._encode("system", self.system) + self._encode("user", content))
+        user_ids = self._encode("user", content)  # once: a new image is sliced and encoded here
+        needed = len(self._encode("system", self.system) + user_ids)
         window = self.engine.max_single_sequence_length
         if needed + len(self.generation_prompt_ids) >= window:
             raise MegrezError(
                 f"the message is too long: with the system prompt it takes {needed} tokens of the "
                 f"{window}-token context window; shorten it"
             )
-        self.add_message("user", content)
+        self.history.append(ChatMessage("user", content, user_ids))
         return self.respond()
 
     def respond(self) -> Iterator[str]:
