@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MegrezError
-from .omni.config import VisionConfig, is_omni
+from .omni.config import AudioConfig, VisionConfig, is_omni
 from .rope import RopeScaling, read_rope
 
 log = logging.getLogger("megrez_mlc")
@@ -61,6 +61,7 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v/o projections have biases
     mlp_bias: bool = False  # gate/up/down projections have biases
     vision: VisionConfig | None = None  # Megrez-3B-Omni's vision tower and resampler (omni/config.py)
+    audio: AudioConfig | None = None  # Megrez-3B-Omni's audio encoder
 
     def __post_init__(self) -> None:
         positive = (
@@ -117,7 +118,9 @@ class ModelConfig:
             heads = _field(merged, "num_attention_heads", int)
             max_positions = _field(merged, "max_position_embeddings", int)
             theta, scaling = read_rope(merged, max_positions)
-            vision = VisionConfig.from_hf(hf, hidden) if is_omni(hf) else None
+            omni = is_omni(hf)
+            vision = VisionConfig.from_hf(hf, hidden) if omni else None
+            audio = AudioConfig.from_hf(hf, hidden) if omni and hf.get("audio_config") else None
             return cls(
                 hidden_size=hidden,
                 intermediate_size=_field(merged, "intermediate_size", int),
@@ -134,6 +137,7 @@ class ModelConfig:
                 attention_bias=_field(merged, "attention_bias", bool),
                 mlp_bias=_field(merged, "mlp_bias", bool),
                 vision=vision,
+                audio=audio,
             )
         except KeyError as missing:
             raise MegrezError(f"config.json lacks the field {missing}; is this a LLaMA checkpoint?") from None
@@ -159,6 +163,7 @@ class ModelConfig:
             "tensor_parallel_shards": 1,
             "pipeline_parallel_stages": 1,
             **({"vision_config": self.vision.to_json()} if self.vision else {}),
+            **({"audio_config": self.audio.to_json()} if self.audio else {}),
         }
 
     @classmethod
@@ -180,6 +185,7 @@ class ModelConfig:
                 attention_bias=mlc.get("attention_bias", False),
                 mlp_bias=mlc.get("mlp_bias", False),
                 vision=VisionConfig.from_json(mlc["vision_config"]) if "vision_config" in mlc else None,
+                audio=AudioConfig.from_json(mlc["audio_config"]) if "audio_config" in mlc else None,
             )
         except (KeyError, TypeError) as missing:
             raise MegrezError(

@@ -1,9 +1,12 @@
-"""The reference Megrez-3B-Omni image path in torch, for the Omni tests.
+"""The reference Megrez-3B-Omni image and audio paths in torch, for the Omni tests.
 
 transformers' Idefics2VisionTransformer for the tower; a resampler written here from the public description
 (learned queries of the LLM width; kv_proj, ln_kv, keys + 2-D sin-cos positions, ln_q on the queries, one
-nn.MultiheadAttention of hidden/128 heads, ln_post, then x @ proj); LlamaForCausalLM over inputs_embeds with
-the image rows written in."""
+nn.MultiheadAttention of hidden/128 heads, ln_post, then x @ proj); the audio encoder written here from
+Whisper's public description (torch Conv1d k3 p1 and k3 p1 s2 with exact GELU, + the stored positions,
+pre-norm blocks with bias-free keys, AvgPool1d(2), ln_post, proj, begin/end rows around the clip) over
+transformers' WhisperFeatureExtractor features; LlamaForCausalLM over inputs_embeds with the media rows
+written in."""
 
 from __future__ import annotations
 
@@ -67,6 +70,9 @@ class OmniOracle:
         }
         self.proj = weights[f"{r}.proj"]
 
+        self.audio_weights = {k[len("audio.audio.") :]: v for k, v in weights.items() if k.startswith("audio.")}
+        self.audio_config = config["audio_config"]
+
     def _ln(self, name: str, x: torch.Tensor) -> torch.Tensor:
         w, b = self.norms[name]
         return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, 1e-6)
@@ -99,3 +105,40 @@ class OmniOracle:
             out.append(token)
             logits_input = self.llm.get_input_embeddings()(torch.tensor([[token]]))
         return out
+
+    @torch.no_grad()
+    def encode_clip(self, samples: np.ndarray) -> np.ndarray:
+        """16 kHz float samples of at most 30 s -> [tokens, hidden] float32 (begin row, clip rows, end row)."""
+        from transformers import WhisperFeatureExtractor
+
+        cfg, w = self.audio_config, self.audio_weights
+        extractor = WhisperFeatureExtractor(feature_size=cfg["n_mels"])
+        mel = extractor(samples, sampling_rate=16000, return_tensors="np").input_features[0]
+        encoder_frames = (len(samples) // 160 - 1) // 2 + 1  # conv1 keeps the length, conv2 halves it
+        x = torch.from_numpy(mel[:, : 2 * encoder_frames])[None]
+        gelu = torch.nn.functional.gelu
+        x = gelu(torch.nn.functional.conv1d(x, w["conv1.weight"], w["conv1.bias"], padding=1))
+        x = gelu(torch.nn.functional.conv1d(x, w["conv2.weight"], w["conv2.bias"], stride=2, padding=1))
+        x = x[0].T + w["positional_embedding"][:encoder_frames]
+        heads, width = cfg["n_head"], cfg["n_state"]
+
+        def norm(name: str, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.layer_norm(v, (width,), w[f"{name}.weight"], w[f"{name}.bias"], 1e-5)
+
+        def linear(name: str, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(v, w[f"{name}.weight"], w.get(f"{name}.bias"))
+
+        for i in range(cfg["n_layer"]):
+            b = f"blocks.{i}"
+            h = norm(f"{b}.attn_ln", x)
+            q, k, v = (
+                linear(f"{b}.attn.{p}", h).view(-1, heads, width // heads).transpose(0, 1)
+                for p in ("query", "key", "value")
+            )
+            attn = torch.softmax(q @ k.transpose(1, 2) / (width // heads) ** 0.5, dim=-1) @ v
+            x = x + linear(f"{b}.attn.out", attn.transpose(0, 1).reshape(-1, width))
+            x = x + linear(f"{b}.mlp.2", gelu(linear(f"{b}.mlp.0", norm(f"{b}.mlp_ln", x))))
+        x = torch.nn.functional.avg_pool1d(x.T[None], 2, 2)[0].T
+        x = linear("proj", norm("ln_post", x))
+        begin, end = w["audio_bos_eos_token.weight"]
+        return torch.cat([begin[None], x, end[None]]).numpy()

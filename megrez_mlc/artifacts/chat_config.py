@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ModelConfig, read_json_object
 from ..errors import MegrezError
-from ..omni.config import ImageProcessorConfig
+from ..omni.config import AudioProcessorConfig, ImageProcessorConfig
 from .files import CHAT_CONFIG_FILE
 
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
@@ -44,6 +44,7 @@ class ChatConfig:
     bos_token_id: int | None
     eos_token_id: tuple[int, ...]
     image_processor: ImageProcessorConfig | None = None  # Megrez-3B-Omni's slicing and image placeholders
+    audio_processor: AudioProcessorConfig | None = None  # and its audio placeholders
 
     @property
     def vocab_size(self) -> int:
@@ -88,6 +89,7 @@ class ChatConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id),
             **({"image_processor": self.image_processor.to_json()} if self.image_processor else {}),
+            **({"audio_processor": self.audio_processor.to_json()} if self.audio_processor else {}),
         }
 
     @classmethod
@@ -111,6 +113,11 @@ class ChatConfig:
                 image_processor=(
                     ImageProcessorConfig.from_json(chat["image_processor"])
                     if "image_processor" in chat
+                    else None
+                ),
+                audio_processor=(
+                    AudioProcessorConfig.from_json(chat["audio_processor"])
+                    if "audio_processor" in chat
                     else None
                 ),
             )

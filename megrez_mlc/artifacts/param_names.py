@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..omni.weights import vision_tensors
+from ..omni.weights import encoder_tensors
 from .int4 import quantized_shapes
 from .schemes import QuantScheme
 
@@ -119,11 +119,6 @@ def expected_hf_shapes(spec: ParamSpec) -> dict[str, tuple[int, ...]]:
 
 def stored_model_tensors(config: ModelConfig, scheme: QuantScheme) -> list[StoredTensor]:
     """Every tensor convert-weight writes for a model, in the compiled graph's parameter order: the LLM's,
-    then (Omni) the vision tower's and the resampler's, which stay in the scheme's float type."""
+    then (Omni) the encoders' (vision tower, resampler, audio encoder), which stay in the scheme's float type."""
     tensors = [t for spec in llama_param_specs(config) for t in stored_tensors(spec, scheme)]
-    if config.vision is not None:
-        tensors += [
-            StoredTensor(v.name, v.shape, scheme.model_dtype)
-            for v in vision_tensors(config.vision, config.hidden_size)
-        ]
-    return tensors
+    return tensors + [StoredTensor(v.name, v.shape, scheme.model_dtype) for v in encoder_tensors(config)]

@@ -228,6 +228,8 @@ def compile_model(
     }
     if chat_config.image_processor is not None:
         bounds["num_patches"] = max_slice_patches(chat_config.image_processor)
+    if config.audio is not None:
+        bounds["mel_frames"] = config.audio.max_mel_frames
     if preset.is_gpu:
         check_attention_head_dim(
             config.head_dim,

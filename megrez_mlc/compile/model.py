@@ -24,6 +24,7 @@ from ..config import ModelConfig
 from . import cpu_attention, ops
 from .layers import Embedding, Linear, compiling_for_cpu
 from .rope_kernel import split_rotary
+from .audio import OmniAudio
 from .vision import OmniVision
 
 
@@ -138,6 +139,8 @@ class MegrezForCausalLM(nn.Module):
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.vision is not None:  # after the LLM's: its parameters keep their places
             self.vision = OmniVision(config.vision, config.hidden_size)
+        if config.audio is not None:
+            self.audio = OmniAudio(config.audio)
 
     def export_tvm(self, spec: nn.spec.ModuleSpecType, **options: Any) -> Any:
         """`nn.Module.export_tvm`, traced under this model's target, which `compiling_for_cpu` reads."""
@@ -154,6 +157,10 @@ class MegrezForCausalLM(nn.Module):
     def image_embed(self, patches: Tensor, position_ids: Tensor, key_positions: Tensor) -> Tensor:
         """One image slice's patches -> its query_num embeddings, rows like `embed`'s (compile/vision.py)."""
         return self.vision(patches, position_ids, key_positions)
+
+    def audio_embed(self, mel: Tensor) -> Tensor:
+        """One clip's log-mel frames -> its embeddings, rows like `embed`'s (compile/audio.py)."""
+        return self.audio(mel)
 
     def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         hidden = self.model(input_embed, paged_kv_cache)
@@ -253,6 +260,7 @@ class MegrezForCausalLM(nn.Module):
                 "$": packed,
             },
             **self._image_embed_spec(packed),
+            **self._audio_embed_spec(packed),
             "create_tir_paged_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -276,3 +284,9 @@ class MegrezForCausalLM(nn.Module):
                 "$": packed,
             }
         }
+
+    def _audio_embed_spec(self, packed: dict[str, str]) -> dict[str, Any]:
+        audio = self.config.audio
+        if audio is None:
+            return {}
+        return {"audio_embed": {"mel": nn.spec.Tensor(["mel_frames", audio.n_mels], self.dtype), "$": packed}}

@@ -1,9 +1,9 @@
-"""What an Omni checkpoint says about its vision half, read from its config.json (and
+"""What an Omni checkpoint says about its vision and audio encoders, read from its config.json (and
 preprocessor_config.json), kept in mlc-chat-config.json.
 
-Two objects: `VisionConfig` is the math of the vision tower and resampler (it goes into `model_config`, so
-compile reads it), `ImageProcessorConfig` is how images become slices and placeholder tokens (a top-level
-`image_processor` object, read at run time). Megrez-3B-Omni's config.json keeps the LLM's fields at its top
+Per encoder two objects: `VisionConfig` / `AudioConfig` are the math of the encoders (they go into
+`model_config`, so compile reads them), `ImageProcessorConfig` / `AudioProcessorConfig` are how images and
+clips become placeholder tokens (top-level `image_processor` / `audio_processor` objects, read at run time). Megrez-3B-Omni's config.json keeps the LLM's fields at its top
 level, like a LlamaConfig, beside `vision_config` (SigLIP-SO400M's), `query_num` and `audio_config`.
 """
 
@@ -193,3 +193,109 @@ def image_processor_config(
     return ImageProcessorConfig(
         **slicing, patch_size=vision.patch_size, query_num=vision.query_num, **layout, token_ids=ids
     )
+
+
+# --- audio ----------------------------------------------------------------------------------------------
+
+WHISPER_CONTEXT = 1500  # encoder frames of Whisper's 30-second window (3000 mel frames, conv2's stride 2)
+AUDIO_LAYER_NORM_EPS = 1e-5  # the audio encoder's LayerNorms (torch's default)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """The audio encoder: Whisper-large-v3's (conv1 k3, conv2 k3 stride 2, both with GELU, a learned
+    position embedding of `n_ctx` rows, `n_layer` pre-norm blocks of width `n_state` with `n_head` heads and
+    4x GELU MLPs), then average pooling by 2, `ln_post`, a linear projection to `output_dim` (the LLM's
+    width), and two learned embeddings put before and after each clip."""
+
+    n_mels: int
+    n_ctx: int
+    n_state: int
+    n_head: int
+    n_layer: int
+    output_dim: int
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], llm_hidden_size: int) -> AudioConfig:
+        audio = hf.get("audio_config") or {}
+        where = "config.json's audio_config"
+        for flag in ("avg_pool", "add_audio_bos_eos_token"):
+            if audio.get(flag, True) is not True:
+                raise MegrezError(f"{where} sets {flag} to {audio[flag]!r}; only Megrez-3B-Omni's true works")
+        config = cls(**{f.name: _positive_int(audio, f.name, where) for f in dataclasses.fields(cls)})
+        if config.n_state % config.n_head:
+            raise MegrezError(f"{where}: n_state {config.n_state} is not a multiple of n_head {config.n_head}")
+        if config.output_dim != llm_hidden_size:
+            raise MegrezError(
+                f"{where}: output_dim {config.output_dim} is not the LLM's hidden_size {llm_hidden_size}"
+            )
+        if config.n_ctx < WHISPER_CONTEXT:
+            raise MegrezError(
+                f"{where}: n_ctx {config.n_ctx} is shorter than Whisper's 30-second window ({WHISPER_CONTEXT})"
+            )
+        return config
+
+    @property
+    def max_mel_frames(self) -> int:
+        """Mel frames of the longest clip one audio_embed call takes (30 seconds)."""
+        return 2 * WHISPER_CONTEXT
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AudioConfig:
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class AudioProcessorConfig:
+    """How a clip becomes prompt tokens. Each 30-second chunk of a clip is `audio_start`, one `unk` per
+    embedding (the begin embedding, about 25 per second of audio, the end embedding), `audio_end`; a clip's
+    chunks follow one another after `label` (`{index}` is the clip's number in the conversation, from 1),
+    and `separator` follows the clip. `token_ids` are the tokenizer's ids of the three tokens."""
+
+    n_mels: int
+    label: str
+    audio_start: str
+    audio_end: str
+    unk: str
+    separator: str
+    token_ids: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AudioProcessorConfig:
+        try:
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError) as err:
+            raise MegrezError(
+                f"mlc-chat-config.json's audio_processor lacks or garbles {err}; run gen-config again"
+            ) from None
+
+
+# Megrez-3B-Omni's audio layout (reconstructed; the README says from what): the LLM's audio tokens around
+# each chunk, `<|unk|>` as the filler the embeddings overwrite, "Audio N: " before and a newline after.
+DEFAULT_AUDIO_LAYOUT = {
+    "label": "Audio {index}: ",
+    "audio_start": "<|audio_start|>",
+    "audio_end": "<|audio_end|>",
+    "unk": "<|unk|>",
+    "separator": "\n",
+}
+
+
+def audio_processor_config(audio: AudioConfig, token_ids: dict[str, int]) -> AudioProcessorConfig:
+    """The audio placeholder settings of a checkpoint, with the tokens' ids from its tokenizer."""
+    ids = {}
+    for key in ("audio_start", "audio_end", "unk"):
+        token = DEFAULT_AUDIO_LAYOUT[key]
+        if token not in token_ids:
+            raise MegrezError(
+                f"the tokenizer has no {token} token, which the audio placeholders use; is this "
+                "Megrez-3B-Omni's tokenizer.json?"
+            )
+        ids[token] = token_ids[token]
+    return AudioProcessorConfig(n_mels=audio.n_mels, **DEFAULT_AUDIO_LAYOUT, token_ids=ids)

@@ -2,8 +2,9 @@
 
 config.json keeps the LLM's fields at the top level (here in transformers 5's `rope_parameters` layout)
 beside `vision_config`, `query_num` and `audio_config`; the tensors carry the vendor's names (`llm.*`,
-`vision.vpm.*`, `vision.resampler.*`, and a few `audio.*` ones, which conversion skips). Sizes differ from
-every default: 13 position buckets per side, 16 queries, 112-pixel slices, LayerNorm eps 1e-5.
+`vision.vpm.*`, `vision.resampler.*`, `audio.audio.*`). Sizes differ from every default: 13 position
+buckets per side, 16 queries, 112-pixel slices, LayerNorm eps 1e-5; 80 mel bins (Whisper-large-v3 has 128),
+an audio width of 52 in 4 heads of 13.
 """
 
 from __future__ import annotations
@@ -108,23 +109,80 @@ def random_vision_weights(vision: TinyVision, llm_hidden: int, seed: int) -> dic
     return weights
 
 
-def random_audio_weights(seed: int, llm_hidden: int) -> dict[str, np.ndarray]:
-    """A few tensors under the audio encoder's names: conversion must skip them."""
+@dataclass(frozen=True)
+class TinyAudio:
+    n_mels: int = 80
+    n_ctx: int = 1500  # Whisper's 30-second window
+    n_state: int = 52
+    n_head: int = 4
+    n_layer: int = 2
+
+    def audio_config(self, output_dim: int) -> dict:
+        fields = {k: getattr(self, k) for k in ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")}
+        return {**fields, "output_dim": output_dim, "avg_pool": True, "add_audio_bos_eos_token": True}
+
+
+def random_audio_weights(audio: TinyAudio, llm_hidden: int, seed: int) -> dict[str, np.ndarray]:
+    """The audio encoder's tensors under the checkpoint's names and layouts (Conv1d weights [out, in, 3])."""
     rng = np.random.default_rng(seed)
-    return {
-        "audio.audio.conv1.weight": rng.standard_normal((8, 4, 3)).astype(np.float32),
-        "audio.audio.ln_post.weight": np.ones(8, dtype=np.float32),
-        "audio.audio.audio_bos_eos_token.weight": rng.standard_normal((2, llm_hidden)).astype(np.float32),
+    w, m = audio.n_state, audio.n_mels
+
+    def matrix(*shape: int, gain: float = 1.0) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:]))
+        return (rng.standard_normal(shape) * gain / np.sqrt(fan_in)).astype(np.float32)
+
+    def vector(n: int, base: float = 0.0) -> np.ndarray:
+        return (base + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    a = "audio.audio"
+    weights = {
+        f"{a}.conv1.weight": matrix(w, m, 3, gain=2.0),
+        f"{a}.conv1.bias": vector(w),
+        f"{a}.conv2.weight": matrix(w, w, 3, gain=2.0),
+        f"{a}.conv2.bias": vector(w),
+        f"{a}.positional_embedding": rng.standard_normal((audio.n_ctx, w)).astype(np.float32),
+    }
+    for n in range(audio.n_layer):
+        block = f"{a}.blocks.{n}"
+        weights |= {
+            f"{block}.attn_ln.weight": vector(w, base=1.0),
+            f"{block}.attn_ln.bias": vector(w),
+            f"{block}.attn.query.weight": matrix(w, w, gain=2.0),
+            f"{block}.attn.query.bias": vector(w),
+            f"{block}.attn.key.weight": matrix(w, w, gain=2.0),
+            f"{block}.attn.value.weight": matrix(w, w),
+            f"{block}.attn.value.bias": vector(w),
+            f"{block}.attn.out.weight": matrix(w, w),
+            f"{block}.attn.out.bias": vector(w),
+            f"{block}.mlp_ln.weight": vector(w, base=1.0),
+            f"{block}.mlp_ln.bias": vector(w),
+            f"{block}.mlp.0.weight": matrix(4 * w, w),
+            f"{block}.mlp.0.bias": vector(4 * w),
+            f"{block}.mlp.2.weight": matrix(w, 4 * w),
+            f"{block}.mlp.2.bias": vector(w),
+        }
+    return weights | {
+        f"{a}.ln_post.weight": vector(w, base=1.0),
+        f"{a}.ln_post.bias": vector(w),
+        f"{a}.proj.weight": matrix(llm_hidden, w),
+        f"{a}.proj.bias": vector(llm_hidden),
+        f"{a}.audio_bos_eos_token.weight": (0.5 * rng.standard_normal((2, llm_hidden))).astype(np.float32),
     }
 
 
 def make_tiny_omni_checkpoint(
-    out_dir: Path, *, seed: int = 0, vision: TinyVision | None = None, shape: TinyShape | None = None
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    vision: TinyVision | None = None,
+    audio: TinyAudio | None = None,
+    shape: TinyShape | None = None,
 ) -> Path:
     """Write a tiny float32 Omni-shaped HF checkpoint folder; returns it."""
     from safetensors.numpy import save_file
 
     vision = vision or TinyVision()
+    audio = audio or TinyAudio()
     shape = shape or OMNI_LLM_SHAPE
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(shape.bpe_vocab)
@@ -139,7 +197,7 @@ def make_tiny_omni_checkpoint(
         "query_num": vision.query_num,
         "patch_size": vision.patch_size,
         "drop_vision_last_layer": False,
-        "audio_config": {"n_mels": 4, "n_state": 8, "n_layer": 0, "output_dim": shape.hidden_size},
+        "audio_config": audio.audio_config(shape.hidden_size),
     }
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "preprocessor_config.json").write_text(
@@ -151,6 +209,6 @@ def make_tiny_omni_checkpoint(
     llm = random_llama_weights(shape, vocab_size, False, seed)
     weights = {f"llm.{name}": value for name, value in llm.items()}
     weights |= random_vision_weights(vision, shape.hidden_size, seed + 1)
-    weights |= random_audio_weights(seed + 2, shape.hidden_size)
+    weights |= random_audio_weights(audio, shape.hidden_size, seed + 2)
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return out_dir

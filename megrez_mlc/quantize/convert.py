@@ -29,7 +29,7 @@ from ..artifacts.schemes import QuantScheme, get_scheme
 from ..artifacts.tensor_cache import TensorCacheWriter, written_files
 from ..config import ModelConfig, load_hf_model_config
 from ..errors import MegrezError
-from ..omni.weights import AUDIO_PREFIXES, VisionTensor, vision_tensors
+from ..omni.weights import AUDIO_PREFIXES, EncoderTensor, encoder_tensors
 from ..staging import staged_model_dir
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .gen_config import check_output_quantization
@@ -78,11 +78,11 @@ def convert_weight(
     config, _ = load_hf_model_config(hf_dir, preset)
     checkpoint = Checkpoint(hf_dir)
     specs = llama_param_specs(config, config.checkpoint_prefix)
-    vision = vision_tensors(config.vision, config.hidden_size) if config.vision else []
-    check_checkpoint(checkpoint, specs, config, vision)
+    encoders = encoder_tensors(config)
+    check_checkpoint(checkpoint, specs, config, encoders)
     check_output_quantization(out_dir, scheme, force)
     total_bytes = sum(t.nbytes for spec in specs for t in stored_tensors(spec, scheme))
-    total_bytes += sum(int(np.prod(v.shape)) * np.dtype(scheme.model_dtype).itemsize for v in vision)
+    total_bytes += sum(int(np.prod(v.shape)) * np.dtype(scheme.model_dtype).itemsize for v in encoders)
     workers = threads or worker_count()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="convert")
     try:
@@ -96,8 +96,8 @@ def convert_weight(
                 write_param(writer, spec, scheme, islice(blocks, len(spec_jobs)))  # its blocks come next
                 bar.set_postfix_str(f"{writer.param_bytes / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB written")
             bar.close()
-            for tensor in vision:  # small tensors (the largest is ~22 MB), each read whole
-                write_vision_tensor(writer, checkpoint, tensor, scheme)
+            for tensor in encoders:  # small tensors (the largest is ~26 MB), each read whole
+                write_encoder_tensor(writer, checkpoint, tensor, scheme)
             index = writer.finish()
     except OSError as err:  # a full disk or a read-only folder: the staging folder is already gone
         raise MegrezError(f"cannot write the converted weights to {out_dir}: {err.strerror or err}") from None
@@ -109,12 +109,12 @@ def convert_weight(
 
 
 def check_checkpoint(
-    checkpoint: Checkpoint, specs: list[ParamSpec], config: ModelConfig, vision: list[VisionTensor]
+    checkpoint: Checkpoint, specs: list[ParamSpec], config: ModelConfig, encoders: list[EncoderTensor]
 ) -> None:
     """Every tensor the model needs is there with the shape config.json implies; checked before writing."""
     needed: set[str] = set()
     shapes = [shape for spec in specs for shape in expected_hf_shapes(spec).items()]
-    shapes += [(v.source, v.source_shape) for v in vision]
+    shapes += [(v.source, v.source_shape) for v in encoders]
     for name, shape in shapes:
         needed.add(name)
         if name not in checkpoint:
@@ -134,10 +134,10 @@ def check_checkpoint(
     unused = [
         n for n in checkpoint.names() if n not in needed | tied_head and not n.endswith(IGNORED_HF_SUFFIXES)
     ]
-    if config.vision is not None:
+    if config.vision is not None and config.audio is None:
         audio = [n for n in unused if n.startswith(AUDIO_PREFIXES)]
         if audio:
-            log.info("skipping the %d tensors of the audio encoder (speech is not supported yet)", len(audio))
+            log.info("skipping the %d tensors of the audio encoder (config.json has no audio_config)", len(audio))
         unused = [n for n in unused if not n.startswith(AUDIO_PREFIXES)]
     if unused:
         log.warning(
@@ -210,10 +210,10 @@ def write_param(
     writer.write(q_scale.name, q_scale.shape, q_scale.dtype, scales)
 
 
-def write_vision_tensor(
-    writer: TensorCacheWriter, checkpoint: Checkpoint, tensor: VisionTensor, scheme: QuantScheme
+def write_encoder_tensor(
+    writer: TensorCacheWriter, checkpoint: Checkpoint, tensor: EncoderTensor, scheme: QuantScheme
 ) -> None:
-    """One vision parameter, in the scheme's float type (omni/weights.py says why it is not quantized)."""
+    """One encoder parameter, in the scheme's float type (omni/weights.py says why it is not quantized)."""
     with np.errstate(invalid="ignore", over="ignore"):
         values = tensor.load(checkpoint).astype(scheme.model_dtype, copy=False)
     if not np.isfinite(values).all():

@@ -16,7 +16,7 @@ from ..artifacts.tensor_cache import read_index, stored_quantization
 from ..config import load_hf_model_config, load_preset, read_hf_config, read_json_object
 from ..conversation import MEGREZ_STOP_TOKENS, get_template
 from ..errors import MegrezError
-from ..omni.config import ImageProcessorConfig, image_processor_config
+from ..omni.config import ImageProcessorConfig, audio_processor_config, image_processor_config
 from ..staging import staged_model_dir
 
 log = logging.getLogger("megrez_mlc")
@@ -88,6 +88,7 @@ def gen_config(
         bos_token_id=hf.get("bos_token_id", specials.get("<|eos|>", 0)),
         eos_token_id=tuple(stop_ids),
         image_processor=image_processor,
+        audio_processor=audio_processor_config(config.audio, specials) if config.audio else None,
     )
     check_output_quantization(out_dir, scheme, force)
     with staged_model_dir(out_dir, force, superseded=previous_config_files(out_dir)) as staging:

@@ -177,6 +177,7 @@ class ModelLibrary:
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
         # Omni libraries: the vision encoder, and the embeddings of the images in prompts (runtime/media.py)
         self.has_image_embed = self.vm.module.implements_function("image_embed")
+        self.has_audio_embed = self.vm.module.implements_function("audio_embed")
         self.media = MediaStore()
         # The VM runs one call at a time: the server encodes images on a request's worker thread while its
         # scheduler thread prefills and decodes.
@@ -278,6 +279,15 @@ class ModelLibrary:
         ]
         with self.lock:
             return self.vm["image_embed"](*args, self.params).numpy().astype(np.float32)
+
+    def audio_embed(self, mel: np.ndarray) -> np.ndarray:
+        """One clip's embeddings [frames / 4 + 2, hidden] from its log-mel frames [frames, n_mels]."""
+        if not self.has_audio_embed:
+            raise MegrezError("this model library has no audio encoder; audio needs a Megrez-3B-Omni model")
+        dtype = get_scheme(self.metadata["quantization"]).model_dtype
+        with self.lock:
+            mel_frames = tvm.runtime.tensor(np.ascontiguousarray(mel, dtype=dtype), self.device)
+            return self.vm["audio_embed"](mel_frames, self.params).numpy().astype(np.float32)
 
     def _embed(self, token_ids: np.ndarray, batch: int) -> Any:
         """Embeddings of the tokens as [batch, n / batch, hidden] (a view, no copy); media ids take their
