@@ -70,7 +70,8 @@ class OmniOracle:
         }
         self.proj = weights[f"{r}.proj"]
 
-        self.audio_weights = {k[len("audio.audio.") :]: v for k, v in weights.items() if k.startswith("audio.")}
+        audio = "audio.audio."
+        self.audio_weights = {k[len(audio) :]: v for k, v in weights.items() if k.startswith(audio)}
         self.audio_config = config["audio_config"]
 
     def _ln(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +109,7 @@ class OmniOracle:
 
     @torch.no_grad()
     def encode_clip(self, samples: np.ndarray) -> np.ndarray:
-        """16 kHz float samples of at most 30 s -> [tokens, hidden] float32 (begin row, clip rows, end row)."""
+        """16 kHz samples of at most 30 s -> [tokens, hidden] float32 (begin row, clip rows, end row)."""
         from transformers import WhisperFeatureExtractor
 
         cfg, w = self.audio_config, self.audio_weights

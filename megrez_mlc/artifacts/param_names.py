@@ -119,6 +119,6 @@ def expected_hf_shapes(spec: ParamSpec) -> dict[str, tuple[int, ...]]:
 
 def stored_model_tensors(config: ModelConfig, scheme: QuantScheme) -> list[StoredTensor]:
     """Every tensor convert-weight writes for a model, in the compiled graph's parameter order: the LLM's,
-    then (Omni) the encoders' (vision tower, resampler, audio encoder), which stay in the scheme's float type."""
+    then (Omni) the encoders' (vision tower, resampler, audio encoder), in the scheme's float type."""
     tensors = [t for spec in llama_param_specs(config) for t in stored_tensors(spec, scheme)]
     return tensors + [StoredTensor(v.name, v.shape, scheme.model_dtype) for v in encoder_tensors(config)]

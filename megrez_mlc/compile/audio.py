@@ -71,7 +71,7 @@ def _gelu(x: Tensor) -> Tensor:
 
 
 class Conv(FloatLinear):
-    """Conv1d(kernel 3, padding 1) over [frames, channels], as windows @ weight^T + bias: [1, frames', width]."""
+    """Conv1d(kernel 3, padding 1) over x [frames, channels]: windows @ weight^T + bias, [1, frames', out]."""
 
     def __init__(self, channels: int, width: int, stride: int) -> None:
         super().__init__(channels * CONV_KERNEL, width, bias=True)

@@ -22,9 +22,9 @@ from tvm.target import Target
 
 from ..config import ModelConfig
 from . import cpu_attention, ops
+from .audio import OmniAudio
 from .layers import Embedding, Linear, compiling_for_cpu
 from .rope_kernel import split_rotary
-from .audio import OmniAudio
 from .vision import OmniVision
 
 

@@ -3,8 +3,9 @@ preprocessor_config.json), kept in mlc-chat-config.json.
 
 Per encoder two objects: `VisionConfig` / `AudioConfig` are the math of the encoders (they go into
 `model_config`, so compile reads them), `ImageProcessorConfig` / `AudioProcessorConfig` are how images and
-clips become placeholder tokens (top-level `image_processor` / `audio_processor` objects, read at run time). Megrez-3B-Omni's config.json keeps the LLM's fields at its top
-level, like a LlamaConfig, beside `vision_config` (SigLIP-SO400M's), `query_num` and `audio_config`.
+clips become placeholder tokens (top-level `image_processor` / `audio_processor` objects, read at run time).
+Megrez-3B-Omni's config.json keeps the LLM's fields at its top level, like a LlamaConfig, beside
+`vision_config` (SigLIP-SO400M's), `query_num` and `audio_config`.
 """
 
 from __future__ import annotations
@@ -224,14 +225,16 @@ class AudioConfig:
                 raise MegrezError(f"{where} sets {flag} to {audio[flag]!r}; only Megrez-3B-Omni's true works")
         config = cls(**{f.name: _positive_int(audio, f.name, where) for f in dataclasses.fields(cls)})
         if config.n_state % config.n_head:
-            raise MegrezError(f"{where}: n_state {config.n_state} is not a multiple of n_head {config.n_head}")
+            raise MegrezError(
+                f"{where}: n_state {config.n_state} is not a multiple of n_head {config.n_head}"
+            )
         if config.output_dim != llm_hidden_size:
             raise MegrezError(
                 f"{where}: output_dim {config.output_dim} is not the LLM's hidden_size {llm_hidden_size}"
             )
         if config.n_ctx < WHISPER_CONTEXT:
             raise MegrezError(
-                f"{where}: n_ctx {config.n_ctx} is shorter than Whisper's 30-second window ({WHISPER_CONTEXT})"
+                f"{where}: n_ctx {config.n_ctx} is below Whisper's 30-second window ({WHISPER_CONTEXT})"
             )
         return config
 

@@ -107,7 +107,8 @@ def audio_tensors(audio: AudioConfig) -> list[EncoderTensor]:
     tensors = []
     for conv, width in (("conv1", m), ("conv2", w)):
         name = f"{AUDIO}.{conv}.weight"
-        tensors += [EncoderTensor(name, (w, width * 3), name, (w, width, 3)), _same(f"{AUDIO}.{conv}.bias", w)]
+        tensors.append(EncoderTensor(name, (w, width * 3), name, (w, width, 3)))
+        tensors.append(_same(f"{AUDIO}.{conv}.bias", w))
     tensors.append(_same(f"{AUDIO}.positional_embedding", audio.n_ctx, w))
     for i in range(audio.n_layer):
         block = f"{AUDIO}.blocks.{i}"

@@ -137,7 +137,7 @@ def check_checkpoint(
     if config.vision is not None and config.audio is None:
         audio = [n for n in unused if n.startswith(AUDIO_PREFIXES)]
         if audio:
-            log.info("skipping the %d tensors of the audio encoder (config.json has no audio_config)", len(audio))
+            log.info("skipping the %d audio encoder tensors (config.json has no audio_config)", len(audio))
         unused = [n for n in unused if not n.startswith(AUDIO_PREFIXES)]
     if unused:
         log.warning(
