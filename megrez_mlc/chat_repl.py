@@ -14,6 +14,7 @@ from typing import TextIO
 
 from .errors import MegrezError
 from .home import megrez_home
+from .omni.audio import read_audio_file
 from .omni.images import read_image_file
 from .runtime.chat import ChatSession
 
@@ -27,6 +28,8 @@ HELP = """\
 /system TEXT           set the system prompt (without TEXT: show it)
 /image PATH [TEXT]     attach an image to the next message (Omni models); with TEXT, send it at once
                        (quote a PATH with spaces: /image "my photo.jpg" What is this?)
+/audio PATH [TEXT]     send an audio file (a spoken message; Omni models) at once, with the attached
+                       images and TEXT (e.g. /audio clip.wav 将语音转化为文字。 transcribes it)
 /reset                 start a new conversation
 /exit                  quit (or Ctrl-D)
 Enter sends. End a line with \\ (or press Esc then Enter) to write more lines.
@@ -149,11 +152,11 @@ class ChatRepl:
             except MegrezError as err:
                 self.say(f"error: {err}")
 
-    def answer(self, text: str) -> None:
-        from .runtime.media import content_with_images
+    def answer(self, text: str, audios: tuple[Path, ...] = ()) -> None:
+        from .runtime.media import content_with_media
 
         images, self.images = self.images, []
-        deltas = self.session.send(content_with_images(text, images))
+        deltas = self.session.send(content_with_media(text, images, list(audios)))
         try:
             for delta in deltas:
                 self.out.write(delta)
@@ -196,29 +199,38 @@ class ChatRepl:
             session.reset()
             self.images = []
             self.say("new conversation")
-        elif name == "/image":
-            self.attach_image(arg)
+        elif name in ("/image", "/audio"):
+            self.media_command(name, arg)
         else:
             self.say(f"unknown command {name}; /help lists the commands")
         return True
 
-    def attach_image(self, arg: str) -> None:
-        """`/image PATH [TEXT]`: check and keep the image for the next message; send TEXT with it now."""
+    def media_command(self, name: str, arg: str) -> None:
+        """`/image PATH [TEXT]`: check and keep the image for the next message; send TEXT with it now.
+        `/audio PATH [TEXT]`: send the clip now (it is the message, or part of it)."""
         try:
             words = shlex.split(arg)
         except ValueError as err:
-            raise MegrezError(f"/image {arg}: {err}") from None
+            raise MegrezError(f"{name} {arg}: {err}") from None
         if not words:
+            if name == "/audio":
+                raise MegrezError("/audio needs a PATH, e.g. /audio question.wav")
             listed = ", ".join(map(str, self.images)) or "none"
             self.say(f"images for the next message: {listed}")
             return
-        if self.session.engine.image_encoder is None:
+        engine, path, text = self.session.engine, Path(words[0]).expanduser(), " ".join(words[1:])
+        if name == "/audio":
+            if engine.audio_encoder is None:
+                raise MegrezError("this model does not hear audio (use a Megrez-3B-Omni model)")
+            read_audio_file(path)  # a missing or broken file is reported before anything is sent
+            self.answer(text, (path,))
+            return
+        if engine.image_encoder is None:
             raise MegrezError("this model does not read images (use a Megrez-3B-Omni model)")
-        path = Path(words[0]).expanduser()
         read_image_file(path)  # a missing or broken file is reported now, not with the next message
         self.images.append(path)
-        if len(words) > 1:
-            self.answer(" ".join(words[1:]))
+        if text:
+            self.answer(text)
         else:
             self.say(f"image {path} attached; now type your message")
 

@@ -108,10 +108,12 @@ def _check_sampling(ctx: click.Context, param: click.Parameter, value: Any) -> A
     return value
 
 
-def _check_prompt(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def _check_prompt(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """A prompt the tokenizer can encode (an argument of bytes that are not UTF-8 cannot be)."""
     from .runtime.tokenizer import check_text
 
+    if value is None:
+        return value
     try:
         check_text(value, _option_name(param))
     except MegrezError as err:
@@ -425,7 +427,11 @@ def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("model", type=click.Path(path_type=Path))
 @_model_lib_option
 @click.option(
-    "--prompt", "-p", required=True, callback=_check_prompt, help="The prompt (a user message unless --raw)."
+    "--prompt",
+    "-p",
+    default=None,
+    callback=_check_prompt,
+    help="The prompt (a user message unless --raw); optional with --audio (a spoken question).",
 )
 @click.option("--raw", is_flag=True, help="Tokenize the prompt as is: no chat template, no BOS.")
 @click.option(
@@ -434,6 +440,14 @@ def _model_lib_option(func: Callable[..., Any]) -> Callable[..., Any]:
     multiple=True,
     type=click.Path(path_type=Path),
     help="An image the prompt is about (repeatable; Megrez-3B-Omni models): it goes before the prompt.",
+)
+@click.option(
+    "--audio",
+    "audios",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="An audio file (WAV, FLAC, MP3, M4A, OGG; repeatable; Megrez-3B-Omni models): after the images, "
+    "before the prompt.",
 )
 @_sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
@@ -450,9 +464,10 @@ def generate_cmd(
     model: Path,
     model_lib: Path,
     device: str,
-    prompt: str,
+    prompt: str | None,
     raw: bool,
     images: tuple[Path, ...],
+    audios: tuple[Path, ...],
     max_tokens: int,
     temperature: float | None,
     top_p: float | None,
@@ -467,10 +482,12 @@ def generate_cmd(
     """Generate one completion."""
     from .runtime import Engine
     from .runtime.grammar import Grammar, GrammarError
-    from .runtime.media import content_with_images
+    from .runtime.media import content_with_media
 
-    if raw and images:
-        raise MegrezError("--image needs the chat template; leave out --raw")
+    if raw and (images or audios):
+        raise MegrezError("--image and --audio need the chat template; leave out --raw")
+    if prompt is None and not audios:
+        raise MegrezError("generate needs --prompt TEXT (or --audio FILE, a spoken question)")
     grammar = None
     if json_schema is not None:
         try:
@@ -489,7 +506,7 @@ def generate_cmd(
         stop=list(stop),
         ignore_eos=ignore_eos,
     )
-    content = content_with_images(prompt, list(images))
+    content = content_with_media(prompt or "", list(images), list(audios))
     prompt_ids = (
         engine.tokenizer.encode(prompt) if raw else engine.encode_chat([{"role": "user", "content": content}])
     )
@@ -667,6 +684,12 @@ def serve_cmd(
     default=None,
     help="Omni models: also encode this image, slice by slice, and put it before every prompt.",
 )
+@click.option(
+    "--audio",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Omni models: also encode this audio file (per second of audio), and put it before every prompt.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
 @_report_errors
 def bench_cmd(
@@ -679,6 +702,7 @@ def bench_cmd(
     threads: int | None,
     runs: int,
     image: Path | None,
+    audio: Path | None,
     as_json: bool,
 ) -> None:
     """Measure prefill and decode speed (random prompts, greedy decoding)."""
@@ -694,11 +718,13 @@ def bench_cmd(
         threads=threads,
         runs=runs,
         image=image,
+        audio=audio,
     )
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return
     with_image = f" + {result.image_tokens} image tok" if image else ""
+    with_image += f" + {result.audio_tokens} audio tok" if audio else ""
     click.echo(
         f"{model} on {device}, {result.threads} threads; prompt {prompt_len} tok{with_image}, generate "
         f"{gen_len} tok, batch {batch}; median of {runs} runs"
@@ -706,6 +732,9 @@ def bench_cmd(
     if image is not None:
         per_slice = result.image_encode_ms_per_slice
         click.echo(f"  {'image encode':<20}{per_slice:8.0f} ms/slice ({result.image_slices} slices)")
+    if audio is not None:
+        per_second = result.audio_encode_ms_per_second
+        click.echo(f"  {'audio encode':<20}{per_second:8.0f} ms per second of audio ({result.audio_seconds:.1f} s)")
     for label, value in (
         ("prefill", f"{result.prefill_tok_s:8.1f} tok/s"),
         ("decode", f"{result.decode_tok_s:8.1f} tok/s"),
@@ -726,7 +755,9 @@ def bench_cmd(
 @click.option(
     "--prompt", "-p", default=None, help="The prompt (default: a greeting, or a question on the image)."
 )
-@click.option("--omni", is_flag=True, help="A tiny Megrez-3B-Omni and a synthetic image: the image path.")
+@click.option(
+    "--omni", is_flag=True, help="A tiny Megrez-3B-Omni, a synthetic image and clip: the image and audio paths."
+)
 @_report_errors
 def demo_cmd(workdir: Path | None, quantization: str, prompt: str | None, omni: bool) -> None:
     """Build a tiny random Megrez-shaped model and run the whole pipeline on it."""

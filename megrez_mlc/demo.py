@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import shutil
 import time
+import wave
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from .compile.compiler import compile_model
 from .home import megrez_home
+from .omni.audio import SAMPLE_RATE, read_audio_file
 from .omni.images import read_image_file
 from .omni.tiny import make_tiny_omni_checkpoint
 from .quantize.convert import convert_weight
 from .quantize.gen_config import gen_config
 from .runtime import Engine
 from .runtime.engine import Content
-from .runtime.media import content_with_images
+from .runtime.media import content_with_media
 from .tiny import make_tiny_checkpoint
 
 T = TypeVar("T")
 DEMO_IMAGE_SIZE = (300, 170)  # width x height: a source and a 3 x 1 grid of slices at the tiny model's scale
+DEMO_CLIP_SECONDS = 2.5
 
 
 def synthetic_image(path: Path) -> Path:
@@ -36,6 +39,22 @@ def synthetic_image(path: Path) -> Path:
     return path
 
 
+def synthetic_clip(path: Path) -> Path:
+    """A deterministic 16 kHz 16-bit WAV for the Omni demo: a rising tone with a few harmonics, warbling
+    like a voice."""
+    import numpy as np
+
+    t = np.arange(int(DEMO_CLIP_SECONDS * SAMPLE_RATE)) / SAMPLE_RATE
+    phase = 2 * np.pi * (180 * t + 40 * t**2 + 3 * np.sin(2 * np.pi * 5 * t))
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6)) * np.hanning(t.size)
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes((0.3 * voice * 32767).astype("<i2").tobytes())
+    return path
+
+
 def run_demo(
     workdir: Path | None,
     quantization: str,
@@ -44,7 +63,7 @@ def run_demo(
     omni: bool = False,
 ) -> str:
     """Build, convert, compile and generate; returns the generated text. `omni`: a tiny random
-    Megrez-3B-Omni and a synthetic image, through the image path."""
+    Megrez-3B-Omni, a synthetic image and a synthetic clip, through the image and audio paths."""
     workdir = workdir or megrez_home() / "demo"
     name = "tiny-megrez-omni" if omni else "tiny-megrez"
     hf_dir, model_dir = workdir / f"{name}-hf", workdir / f"{name}-{quantization}"
@@ -82,8 +101,13 @@ def run_demo(
         )
         width, height = DEMO_IMAGE_SIZE
         echo(f"image: {width}x{height}, {encoded.slices} slices, {len(encoded.prompt_ids)} tokens")
-        content = content_with_images(prompt, [image])
-        image_option = f" --image {image}"
+        clip = synthetic_clip(workdir / "demo-clip.wav")
+        heard = step(
+            f"encode {clip.name} (log-mel, audio_embed)", lambda: engine.encode_audio(read_audio_file(clip))
+        )
+        echo(f"clip: {heard.duration:.1f} s, {len(heard.prompt_ids)} tokens")
+        content = content_with_media(prompt, [image], [clip])
+        image_option = f" --image {image} --audio {clip}"
     prompt_ids = engine.encode_chat([{"role": "user", "content": content}])
     result = step("generate (greedy, 24 tokens)", lambda: engine.generate(prompt_ids, params))
     echo(f"prompt: {prompt}")
@@ -92,4 +116,5 @@ def run_demo(
     echo(f"try it: megrez-mlc generate {model_dir} --model-lib {lib}{image_option} --prompt '{prompt}'")
     if omni:
         echo(f"   or: megrez-mlc chat {model_dir} --model-lib {lib}   (then /image {image} What is this?)")
+        echo(f"       (or /audio {clip} 将语音转化为文字。)")
     return result.text

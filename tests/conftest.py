@@ -111,6 +111,26 @@ def built(tiny_hf: Path, tmp_path_factory: pytest.TempPathFactory):
     )
 
 
+@pytest.fixture(scope="session")
+def omni_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from megrez_mlc.omni.tiny import make_tiny_omni_checkpoint
+
+    return make_tiny_omni_checkpoint(tmp_path_factory.mktemp("omni-hf") / "tiny-megrez-omni")
+
+
+@pytest.fixture(scope="session")
+def omni_built(omni_hf: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("omni-built")
+    return lambda quantization: build(omni_hf, quantization, root)
+
+
+@pytest.fixture(scope="session")
+def oracle(omni_hf: Path):
+    from .omni_oracle import OmniOracle
+
+    return OmniOracle(omni_hf)
+
+
 def reference_state_dict(model_dir: Path, config: ModelConfig) -> dict[str, np.ndarray]:
     """The float32 HF weights the converted model really holds (dequantized, fused tensors split back)."""
     stored = load_tensors(model_dir)

@@ -24,9 +24,9 @@ from megrez_mlc.omni.tiny import OMNI_LLM_SHAPE, TinyVision, make_tiny_omni_chec
 from megrez_mlc.runtime import Engine
 from megrez_mlc.runtime.chat import ChatSession
 from megrez_mlc.runtime.engine import PromptTooLong
-from megrez_mlc.runtime.media import LOCAL_ACCESS, MediaAccess, MediaError, content_with_images
+from megrez_mlc.runtime.media import LOCAL_ACCESS, MediaAccess, MediaError, content_with_media
 
-from .conftest import BuiltModel, build, run_cli
+from .conftest import BuiltModel, run_cli
 from .omni_oracle import OmniOracle, sincos_reference
 
 MAX_NEW = 12
@@ -152,29 +152,13 @@ def test_sincos_positions_match_the_reference() -> None:
 # --- conversion and the compiled model ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def omni_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_omni_checkpoint(tmp_path_factory.mktemp("omni-hf") / "tiny-megrez-omni")
-
-
-@pytest.fixture(scope="session")
-def omni_built(omni_hf: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("omni-built")
-    return lambda quantization: build(omni_hf, quantization, root)
-
-
-@pytest.fixture(scope="session")
-def oracle(omni_hf: Path) -> OmniOracle:
-    return OmniOracle(omni_hf)
-
-
 @pytest.fixture(scope="module")
 def engine(omni_built) -> Engine:
     model: BuiltModel = omni_built("q0f32")
     return Engine(model.model_dir, model.lib, max_batch_size=2)
 
 
-def test_convert_keeps_the_vision_weights_in_float_and_skips_the_audio(
+def test_convert_keeps_the_encoder_weights_in_float(
     omni_hf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from megrez_mlc.quantize.convert import convert_weight
@@ -182,15 +166,20 @@ def test_convert_keeps_the_vision_weights_in_float_and_skips_the_audio(
 
     with caplog.at_level(logging.INFO, logger="megrez_mlc"):
         convert_weight(omni_hf, tmp_path / "q4", "q4f16_1")
-    assert [r.getMessage() for r in caplog.records if "audio" in r.getMessage()] == [
-        "skipping the 3 tensors of the audio encoder (speech is not supported yet)"
+    assert not [
+        r.getMessage() for r in caplog.records if "skipping" in r.getMessage() or "ignoring" in r.getMessage()
     ]
     records = tensor_records(read_index(tmp_path / "q4"))
     assert records["model.layers.0.self_attn.qkv_proj.q_weight"].dtype == "uint32"  # the LLM: int4
     patch = records["vision.vpm.embeddings.patch_embedding.weight"]
     assert (patch.dtype, patch.shape) == ("float16", (60, 588))
     assert records["vision.resampler.attn.k_proj.weight"].shape == (264, 264)
-    assert not any(name.startswith(("audio", "llm.")) for name in records)
+    conv1 = records["audio.audio.conv1.weight"]  # [out, in, 3] read as a matrix
+    assert (conv1.dtype, conv1.shape) == ("float16", (52, 80 * 3))
+    assert records["audio.audio.blocks.1.mlp.fc1.weight"].shape == (208, 52)
+    assert records["audio.audio.audio_bos_eos_token.weight"].shape == (2, 264)
+    assert "audio.audio.blocks.0.attn.key.bias" not in records  # Whisper's keys have no bias
+    assert not any(name.startswith("llm.") or ".mlp.0." in name for name in records)
     chat = gen_config(omni_hf, tmp_path / "q4", "q4f16_1")
     saved = json.loads((tmp_path / "q4" / "mlc-chat-config.json").read_text())
     assert saved["model_config"]["vision_config"]["query_num"] == 16
@@ -198,6 +187,16 @@ def test_convert_keeps_the_vision_weights_in_float_and_skips_the_audio(
     processor = saved["image_processor"]
     assert (processor["scale_resolution"], processor["max_slice_nums"]) == (112, 9)
     assert processor["token_ids"]["<|unk|>"] == chat.image_processor.token_ids["<|unk|>"]
+    assert saved["model_config"]["audio_config"] == {
+        "n_mels": 80, "n_ctx": 1500, "n_state": 52, "n_head": 4, "n_layer": 2, "output_dim": 264
+    }  # fmt: skip
+    audio = saved["audio_processor"]
+    assert (audio["label"], audio["audio_start"], audio["separator"]) == (
+        "Audio {index}: ",
+        "<|audio_start|>",
+        "\n",
+    )
+    assert audio["token_ids"]["<|audio_end|>"] == chat.audio_processor.token_ids["<|audio_end|>"]
 
 
 def slice_batch(engine: Engine, image: Image.Image):
@@ -322,7 +321,7 @@ def test_bad_images_are_clear_errors(engine: Engine, tmp_path: Path, monkeypatch
         ask(data_uri(picture(200, 200, seed=1)))
     monkeypatch.undo()
     many = [image_part(data_uri(picture(400, 400, seed=s))) for s in range(9)]  # 9 x 10 slices x 18 tokens
-    with pytest.raises(PromptTooLong, match="too many images: the prompt's 9 image"):
+    with pytest.raises(PromptTooLong, match=r"too much media: the prompt.s 9 image"):
         engine.encode_chat([{"role": "user", "content": [*many, {"type": "text", "text": "?"}]}])
 
 
@@ -402,7 +401,7 @@ def test_chat_image_command(omni_built, engine: Engine, tmp_path: Path) -> None:
     prefill = int(re.match(r"prefill: (\d+) tok", stats).group(1))
     # the second turn prefills only itself (its image, encoded once, at new positions), not the first turn
     session = ChatSession(engine)
-    turn = engine.encode_message("user", content_with_images("Again?", [tmp_path / "a b.png"]))
+    turn = engine.encode_message("user", content_with_media("Again?", [tmp_path / "a b.png"]))
     assert prefill == len(turn) + len(session.generation_prompt_ids) + len(session.answer_end_ids) + 1
 
 
@@ -419,12 +418,24 @@ def test_bench_reports_the_image(omni_built, tmp_path: Path) -> None:
 def test_demo_omni(tmp_path: Path) -> None:
     proc = run_cli("demo", "--omni", "--workdir", str(tmp_path))
     steps = re.findall(r"^\[\s*[\d.]+ s\] (\S+)", proc.stdout, flags=re.M)
-    assert steps == ["checkpoint:", "convert-weight", "gen-config", "compile", "load", "encode", "generate"]
+    expected = [
+        "checkpoint:",
+        "convert-weight",
+        "gen-config",
+        "compile",
+        "load",
+        "encode",
+        "encode",
+        "generate",
+    ]
+    assert steps == expected
     assert "image: 300x170, 7 slices, 127 tokens" in proc.stdout
+    assert "clip: 2.5 s, 66 tokens" in proc.stdout  # 250 mel frames -> 125 encoder frames -> 62 + 2 + 2
     token_ids = json.loads(re.search(r"^token ids: (\[.*\])$", proc.stdout, flags=re.M).group(1))
     model_dir = tmp_path / "tiny-megrez-omni-q4f32_1"
     args = ["generate", str(model_dir), "--model-lib", str(model_dir / "tiny-megrez-omni-q4f32_1-cpu.so")]
-    args += ["--image", str(tmp_path / "demo-image.png"), "--prompt", "图片里有什么？"]
+    args += ["--image", str(tmp_path / "demo-image.png"), "--audio", str(tmp_path / "demo-clip.wav")]
+    args += ["--prompt", "图片里有什么？"]
     again = run_cli(*args, "--temperature", "0", "--max-tokens", "24", "--json")
     assert json.loads(again.stdout)["token_ids"] == token_ids
 
@@ -455,19 +466,20 @@ def omni_gpu_model(tmp_path_factory: pytest.TempPathFactory):
 
 # Each GPU code generator once: android is opencl's, iphone metal's, and vulkan (run below) webgpu's.
 @pytest.mark.parametrize("target", ["cuda", "opencl", "metal"])
-def test_image_embed_compiles_with_every_operator_on_device(
+def test_the_encoders_compile_with_every_operator_on_device(
     omni_gpu_model, target: str, tmp_path: Path
 ) -> None:
     from megrez_mlc.compile.compiler import compile_model
 
     suffix = ".tar" if target == "metal" else ".so"
     result = compile_model(omni_gpu_model["q4f16_1"], target, tmp_path / f"lib{suffix}")
-    assert "image_embed" in result.metadata["memory_usage"]
-    assert any("gelu_tanh" in name for name in result.device_functions)
+    assert {"image_embed", "audio_embed"} <= set(result.metadata["memory_usage"])
+    for kernel in ("gelu_tanh", "gelu_erf", "conv_windows", "average_pairs"):
+        assert any(kernel in name for name in result.device_functions), kernel
     assert any("softmax" in name for name in result.device_functions)
 
 
-def test_image_embed_on_vulkan_matches_the_cpu(omni_gpu_model, tmp_path: Path) -> None:
+def test_the_encoders_on_vulkan_match_the_cpu(omni_gpu_model, tmp_path: Path) -> None:
     from megrez_mlc.compile.compiler import compile_model
     from megrez_mlc.runtime.model_lib import ModelLibrary
 
@@ -482,6 +494,10 @@ def test_image_embed_on_vulkan_matches_the_cpu(omni_gpu_model, tmp_path: Path) -
         inputs = slice_inputs(pixels, cpu.chat_config.model_config.vision, 256)
         expected = cpu.model.image_embed(inputs)
         np.testing.assert_allclose(gpu.image_embed(inputs), expected, atol=1e-4 * np.abs(expected).max())
+    mel = np.random.default_rng(14).uniform(-1.5, 1.5, (202, 80)).astype(np.float32)  # 2 s of frames
+    expected = cpu.model.audio_embed(mel)
+    assert expected.shape == (202 // 4 + 2, 256)
+    np.testing.assert_allclose(gpu.audio_embed(mel), expected, atol=1e-4 * np.abs(expected).max())
 
 
 # --- the OpenAI server -----------------------------------------------------------------------------------
@@ -565,7 +581,7 @@ def test_the_server_answers_400_for_too_many_images(server) -> None:
     body = {"model": "tiny-megrez", "messages": [{"role": "user", "content": parts}], "max_tokens": 2}
     response = server.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
-    assert "too many images" in response.json()["error"]["message"]
+    assert "too much media" in response.json()["error"]["message"]
     images_in_system = [{"role": "system", "content": [image_part(data_uri(picture(30, 30, 1)))]}]
     response = server.post(
         "/v1/chat/completions", json={"model": "tiny-megrez", "messages": images_in_system}

@@ -5,7 +5,8 @@ them together (greedy), timing the two phases apart. A first run warms caches an
 median of the counted runs is reported.
 
 With an image (Omni models), each run also encodes the image's slices one by one (image_embed, timed per
-slice), and every prompt starts with the image's placeholder: the prefill includes the image tokens.
+slice), and with an audio file its 30-second chunks (audio_embed, timed per second of audio); every prompt
+starts with the image's and the clip's placeholders: the prefill includes their tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 
 from ..artifacts.chat_config import read_chat_config
 from ..errors import MegrezError
+from ..omni.audio import clip_features, read_audio_file, split_clip
+from ..omni.config import WHISPER_CONTEXT
 from ..omni.images import read_image_file, slice_image
 from .engine import Engine
 
@@ -39,6 +42,9 @@ class BenchResult:
     image_slices: int = 0
     image_tokens: int = 0  # of each prompt, beside prompt_len text tokens
     image_encode_ms_per_slice: float = 0.0
+    audio_seconds: float = 0.0
+    audio_tokens: int = 0  # of each prompt
+    audio_encode_ms_per_second: float = 0.0  # of audio
 
     def to_json(self) -> dict:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -77,6 +83,7 @@ def run_bench(
     runs: int = 3,
     seed: int = 0,
     image: Path | None = None,
+    audio: Path | None = None,
 ) -> BenchResult:
     if min(prompt_len, gen_len, batch, runs) < 1:
         raise MegrezError("--prompt-len, --gen-len, --batch and --runs must be at least 1")
@@ -86,12 +93,18 @@ def run_bench(
         if processor is None:
             raise MegrezError(f"{model_dir} is not a Megrez-3B-Omni model, so --image does not apply")
         image_room = (processor.max_slice_nums + 1) * (processor.query_num + 2 + 4)
+    samples, audio_room = None, 0
+    if audio is not None:
+        if read_chat_config(model_dir)[1].audio_processor is None:
+            raise MegrezError(f"{model_dir} is not a Megrez-3B-Omni model with audio, so --audio does not apply")
+        samples = read_audio_file(audio)
+        audio_room = len(split_clip(samples)) * (WHISPER_CONTEXT // 2 + 4)
     engine = Engine(
         model_dir,
         model_lib,
         device,
         max_batch_size=batch,
-        max_total_seq_len=batch * (prompt_len + gen_len + image_room),
+        max_total_seq_len=batch * (prompt_len + gen_len + image_room + audio_room),
         threads=threads,
     )
     placeholder, encode_s = [], 0.0
@@ -101,10 +114,15 @@ def run_bench(
         slices = slice_image(pixels, engine.image_encoder.processor).all_slices
         timings = [_encode_slices(engine, slices) for _ in range(runs)]
         encode_s = statistics.median(timings)
+    clip, audio_s = None, 0.0
+    if samples is not None:
+        clip = engine.encode_audio(samples)  # also the warm-up of audio_embed
+        placeholder = placeholder + clip.prompt_ids
+        audio_s = statistics.median(_encode_clip(engine, samples) for _ in range(runs))
     total = len(placeholder) + prompt_len + gen_len
     if total > engine.context_window_size:
         raise MegrezError(
-            f"--prompt-len + --gen-len (+ the image's {len(placeholder)} tokens) = {total} exceeds the "
+            f"--prompt-len + --gen-len (+ the media's {len(placeholder)} tokens) = {total} exceeds the "
             f"library's context window ({engine.context_window_size}); compile with a larger "
             "--context-window-size"
         )
@@ -127,8 +145,11 @@ def run_bench(
         threads=engine.threads,
         runs=runs,
         image_slices=len(slices) if image is not None else 0,
-        image_tokens=len(placeholder),
+        image_tokens=len(placeholder) - (len(clip.prompt_ids) if clip else 0),
         image_encode_ms_per_slice=encode_s / len(slices) * 1e3 if image is not None else 0.0,
+        audio_seconds=clip.duration if clip else 0.0,
+        audio_tokens=len(clip.prompt_ids) if clip else 0,
+        audio_encode_ms_per_second=audio_s / clip.duration * 1e3 if clip else 0.0,
     )
 
 
@@ -137,4 +158,14 @@ def _encode_slices(engine: Engine, slices: tuple[np.ndarray, ...]) -> float:
     start = time.perf_counter()
     for pixels in slices:
         engine.image_encoder.encode_slice(pixels)
+    return time.perf_counter() - start
+
+
+def _encode_clip(engine: Engine, samples: np.ndarray) -> float:
+    """Seconds to run every chunk of a clip through audio_embed (the media cache bypassed)."""
+    n_mels = engine.audio_encoder.processor.n_mels
+    features = [clip_features(chunk, n_mels) for chunk in split_clip(samples)]
+    start = time.perf_counter()
+    for f in features:
+        engine.model.audio_embed(f.mel)
     return time.perf_counter() - start

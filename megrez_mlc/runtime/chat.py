@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import MegrezError
 from .engine import Content, Engine, GenerationStats
+from .media import count_clips
 from .sampling import SamplingParams
 from .sequence import Sequence
 
@@ -27,7 +28,7 @@ log = logging.getLogger("megrez_mlc")
 @dataclass
 class ChatMessage:
     role: str
-    content: Content  # text, or OpenAI-style content parts (text and images)
+    content: Content  # text, or OpenAI-style content parts (text, images and audio)
     token_ids: list[int]  # the whole rendered message (role header, content, end of message)
 
 
@@ -201,7 +202,8 @@ class ChatSession:
     # --- internals --------------------------------------------------------------------------------------
 
     def _encode(self, role: str, content: Content) -> list[int]:
-        return self.engine.encode_message(role, content)
+        clips_before = sum(count_clips(message.content) for message in self.history)
+        return self.engine.encode_message(role, content, clips_before=clips_before)
 
     def _prompt(self) -> list[int]:
         return self.token_ids() + self.generation_prompt_ids

@@ -25,7 +25,18 @@ from ..artifacts.chat_config import read_chat_config
 from ..conversation import FUNCTION_CALL_MARKERS, Conversation
 from ..errors import MegrezError
 from .grammar import Grammar, GrammarMatcher, GrammarVocabulary
-from .media import LOCAL_ACCESS, EncodedImage, ImageEncoder, MediaAccess, MediaError, image_url_of, load_image
+from .media import (
+    LOCAL_ACCESS,
+    AudioEncoder,
+    EncodedAudio,
+    EncodedImage,
+    ImageEncoder,
+    MediaAccess,
+    MediaError,
+    image_url_of,
+    load_audio,
+    load_image,
+)
 from .model_lib import PAGE_SIZE, ModelLibrary, pages_for
 from .request import CallMarkers, GenerationStats, Request, StreamDelta
 from .sampling import SamplingParams
@@ -37,9 +48,9 @@ class PromptTooLong(MegrezError):
     """The prompt leaves no room for an answer in one sequence (the context window, or a smaller KV cache)."""
 
 
-# Where an image goes in a rendered message before tokenization (U+FFFC, the object replacement character:
-# removed from the text of messages that carry images, so only images make it).
-IMAGE_MARKER = "\ufffc"
+# Where an image or clip goes in a rendered message before tokenization (U+FFFC, the object replacement
+# character: removed from the text of messages that carry media, so only media make it).
+MEDIA_MARKER = "\ufffc"
 Content = str | list[dict[str, Any]]  # a message's content: text, or OpenAI's content parts
 
 
@@ -85,6 +96,7 @@ class Engine:
         )
         self.conversation = Conversation.from_json(self.chat_config.conv_template)
         self.image_encoder = self._image_encoder()
+        self.audio_encoder = self._audio_encoder()
         self._grammar_vocabulary: GrammarVocabulary | None = None  # built on first use, under the lock
         self._grammar_lock = threading.Lock()
 
@@ -108,46 +120,66 @@ class Engine:
             return None
         return ImageEncoder(self.model, vision, processor, self.tokenizer.encode(processor.row_separator))
 
+    def _audio_encoder(self) -> AudioEncoder | None:
+        processor = self.chat_config.audio_processor
+        if processor is None or not self.model.has_audio_embed:
+            return None
+        return AudioEncoder(self.model, processor)
+
     def encode_chat(self, messages: list[dict[str, Any]], media: MediaAccess = LOCAL_ACCESS) -> list[int]:
         """The prompt for OpenAI-style messages: the chat template, ending with the generation prompt. A
         message's content is text or a list of parts (`{"type": "text", "text"}`, `{"type": "image_url",
-        "image_url": {"url"}}` with a data: URI, a file:// URL or a path, as `media` allows)."""
+        "image_url": {"url"}}` with a data: URI, a file:// URL or a path, as `media` allows, and
+        `{"type": "input_audio", "input_audio": {"data": base64, "format"}}`)."""
         if not messages:
             raise MegrezError("the conversation is empty; give at least one message")
-        rendered, images = [], []
+        rendered, encoded = [], []
         for message in messages:  # first, so an error counts characters of the message, not of the template
-            text, message_images = self.content_text(message["role"], message["content"], media)
+            text, message_media = self.content_text(message["role"], message["content"], media, len(encoded))
             rendered.append({"role": message["role"], "content": text})
-            images += message_images
-        return self._tokenize_with_images(self.conversation.render(rendered), images)
+            encoded += message_media
+        return self._tokenize_with_media(self.conversation.render(rendered), encoded)
 
-    def encode_message(self, role: str, content: Content, media: MediaAccess = LOCAL_ACCESS) -> list[int]:
-        """One rendered message's tokens (role header, content with its images, end of message)."""
-        text, images = self.content_text(role, content, media)
-        return self._tokenize_with_images(self.conversation.render_message(role, text), images)
+    def encode_message(
+        self, role: str, content: Content, media: MediaAccess = LOCAL_ACCESS, clips_before: int = 0
+    ) -> list[int]:
+        """One rendered message's tokens (role header, content with its media, end of message); its clips
+        are numbered after the conversation's `clips_before`."""
+        text, encoded = self.content_text(role, content, media, clips_before)
+        return self._tokenize_with_media(self.conversation.render_message(role, text), encoded)
 
-    def content_text(self, role: str, content: Content, media: MediaAccess) -> tuple[str, list[EncodedImage]]:
-        """A message's text with an IMAGE_MARKER for each image (followed by a newline, as Megrez-3B-Omni
-        was trained: images, then the text), and the images, encoded."""
+    def content_text(
+        self, role: str, content: Content, media: MediaAccess, clips_before: int = 0
+    ) -> tuple[str, list[EncodedImage | EncodedAudio]]:
+        """A message's text with a MEDIA_MARKER for each image and clip, and those, encoded. As
+        Megrez-3B-Omni was trained, an image is followed by a newline, a clip is "Audio N: " (N counts
+        the conversation's clips) and a newline."""
         if isinstance(content, str):
             check_text(content, f"the {role} message")
-            return content.replace(IMAGE_MARKER, ""), []
+            return content.replace(MEDIA_MARKER, ""), []
         if not isinstance(content, list):
             raise MegrezError(f"the {role} message's content must be a string or a list of content parts")
-        texts, images = [], []
+        texts, encoded = [], []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 check_text(part["text"], f"the {role} message")
-                texts.append(part["text"].replace(IMAGE_MARKER, ""))
+                texts.append(part["text"].replace(MEDIA_MARKER, ""))
             elif kind == "image_url":
-                images.append(self.encode_image(load_image(image_url_of(part), media)))
-                texts.append(IMAGE_MARKER + "\n")
+                encoded.append(self.encode_image(load_image(image_url_of(part), media)))
+                texts.append(MEDIA_MARKER + "\n")
+            elif kind == "input_audio":
+                clip = self.encode_audio(load_audio(part))
+                processor = self.audio_encoder.processor
+                clips_before += 1
+                encoded.append(clip)
+                texts.append(processor.label.format(index=clips_before) + MEDIA_MARKER + processor.separator)
             else:
                 raise MegrezError(
-                    f'the {role} message has a content part of type {kind!r}; use "text" or "image_url" parts'
+                    f"the {role} message has a content part of type {kind!r}; use "
+                    '"text", "image_url" or "input_audio" parts'
                 )
-        return "".join(texts), images
+        return "".join(texts), encoded
 
     def encode_image(self, image: Any) -> EncodedImage:
         """A Pillow image as its placeholder tokens (the embeddings' media ids included)."""
@@ -158,18 +190,29 @@ class Engine:
             )
         return self.image_encoder.encode(image)
 
-    def _tokenize_with_images(self, text: str, images: list[EncodedImage]) -> list[int]:
-        if not images:
+    def encode_audio(self, samples: np.ndarray) -> EncodedAudio:
+        """16 kHz mono samples as their placeholder tokens (the embeddings' media ids included)."""
+        if self.audio_encoder is None:
+            raise MediaError(
+                "this model does not hear audio; use a Megrez-3B-Omni model converted and compiled by "
+                "this version of megrez-mlc"
+            )
+        return self.audio_encoder.encode(samples)
+
+    def _tokenize_with_media(self, text: str, encoded: list[EncodedImage | EncodedAudio]) -> list[int]:
+        if not encoded:
             return self.tokenizer.encode(text)
-        pieces = text.split(IMAGE_MARKER)
+        pieces = text.split(MEDIA_MARKER)
         ids = self.tokenizer.encode(pieces[0])
-        for image, piece in zip(images, pieces[1:]):
-            ids += image.prompt_ids + self.tokenizer.encode(piece)
-        image_tokens = sum(len(image.prompt_ids) for image in images)
+        for item, piece in zip(encoded, pieces[1:]):
+            ids += item.prompt_ids + self.tokenizer.encode(piece)
         if len(ids) >= self.max_single_sequence_length:
+            media_tokens = sum(len(item.prompt_ids) for item in encoded)
+            clips = sum(isinstance(item, EncodedAudio) for item in encoded)
             raise PromptTooLong(
-                f"too many images: the prompt's {len(images)} image(s) take {image_tokens} of its {len(ids)} "
-                f"tokens, and the model holds {self.max_single_sequence_length}; send fewer or smaller images"
+                f"too much media: the prompt's {len(encoded) - clips} image(s) and {clips} audio clip(s) take "
+                f"{media_tokens} of its {len(ids)} tokens, and the model holds "
+                f"{self.max_single_sequence_length}; send fewer or smaller images, or shorter clips"
             )
         return ids
 

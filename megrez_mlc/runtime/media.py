@@ -1,11 +1,13 @@
-"""Images in prompts: where they come from, their encoding, and the ids that stand for their embeddings.
+"""Images and audio in prompts: where they come from, their encoding, and the ids that stand for their
+embeddings.
 
-An encoded image is `query_num` embeddings per slice. In a prompt, each embedding row takes the place of
-one filler token of the image's placeholder, as a *media id*: a negative integer that no vocabulary has.
-The model library looks media ids up here when it embeds a prompt and writes the rows in. Because the ids
-are part of the token list, everything that compares token lists (a chat session's cache reuse across
-turns, the server's prefix cache, a preempted request's re-prefill) tells two images apart and sees one
-image sent twice as the same tokens: an image gets its ids from the digest of its pixels.
+An encoded image is `query_num` embeddings per slice, an encoded clip about 25 per second of audio. In a
+prompt, each embedding row takes the place of one filler token of the placeholder, as a *media id*: a
+negative integer that no vocabulary has. The model library looks media ids up here when it embeds a prompt
+and writes the rows in. Because the ids are part of the token list, everything that compares token lists
+(a chat session's cache reuse across turns, the server's prefix cache, a preempted request's re-prefill)
+tells two images (or clips) apart and sees one sent twice as the same tokens: each gets its ids from the
+digest of its pixels (or samples).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import MegrezError
-from ..omni.config import ImageProcessorConfig, VisionConfig
+from ..omni.audio import MAX_AUDIO_BYTES, clip_features, decode_audio, read_audio_bytes, split_clip
+from ..omni.config import AudioProcessorConfig, ImageProcessorConfig, VisionConfig
 from ..omni.images import (
     decode_image,
     embedding_spans,
@@ -35,17 +38,18 @@ from ..omni.images import (
     slice_inputs,
 )
 
-MEDIA_CACHE_IMAGES = 64  # encoded images kept for reuse; older ones are encoded again when sent again
+MEDIA_CACHE_ITEMS = 64  # encoded images and clips kept for reuse; older ones are encoded again when sent again
 
 
 class MediaError(MegrezError):
-    """An image the request gives cannot be used (the server answers 400)."""
+    """An image or clip the request gives cannot be used (the server answers 400)."""
 
 
 class MediaStore:
-    """Embedding rows by media id, grouped by image digest, the least recently used image dropped first."""
+    """Embedding rows by media id, grouped by the digest of an image or clip, the least recently used one
+    dropped first."""
 
-    def __init__(self, capacity: int = MEDIA_CACHE_IMAGES) -> None:
+    def __init__(self, capacity: int = MEDIA_CACHE_ITEMS) -> None:
         self.capacity = capacity
         self._images: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._rows: dict[int, np.ndarray] = {}
@@ -81,7 +85,7 @@ class MediaStore:
                 return np.stack([self._rows[int(i)] for i in media_ids])
         except KeyError:
             raise MegrezError(
-                "the prompt refers to an image whose embeddings are no longer kept; send the image again"
+                "the prompt refers to an image or clip whose embeddings are no longer kept; send it again"
             ) from None
 
 
@@ -159,13 +163,48 @@ def image_url_of(part: dict[str, Any]) -> str:
     return url
 
 
-def content_with_images(text: str, images: list[str | Path]) -> str | list[dict[str, Any]]:
-    """A user message's content: the images (paths), then the text, as OpenAI-style parts; plain text when
-    there are no images."""
-    if not images:
+def load_audio(part: dict[str, Any]) -> np.ndarray:
+    """An OpenAI `input_audio` part's clip ({"input_audio": {"data": base64, "format": "wav"}}) as 16 kHz
+    mono samples. The format is a hint only: the decoder reads what the bytes are."""
+    value = part.get("input_audio")
+    if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+        raise MediaError('an input_audio part needs {"input_audio": {"data": "<base64>", "format": "wav"}}')
+    if not isinstance(value.get("format", ""), str):
+        raise MediaError('an input_audio part\'s "format" must be a string such as "wav" or "mp3"')
+    if len(value["data"]) > MAX_AUDIO_BYTES * 4 // 3 + 4:
+        raise MediaError(f"the audio is larger than the {MAX_AUDIO_BYTES // 2**20} MiB limit")
+    try:
+        return decode_audio(base64.b64decode(value["data"], validate=True))
+    except (binascii.Error, ValueError):
+        raise MediaError("the input_audio data is not valid base64") from None
+    except MegrezError as err:
+        raise MediaError(str(err)) from None
+
+
+def audio_file_part(path: str | Path) -> dict[str, Any]:
+    """An `input_audio` content part holding a local audio file."""
+    path = Path(path)
+    data = read_audio_bytes(path)
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": path.suffix[1:]}}
+
+
+def count_clips(content: str | list[dict[str, Any]]) -> int:
+    """How many audio clips a message's content carries."""
+    if isinstance(content, str):
+        return 0
+    return sum(isinstance(part, dict) and part.get("type") == "input_audio" for part in content)
+
+
+def content_with_media(
+    text: str, images: list[str | Path] = (), audios: list[str | Path] = ()
+) -> str | list[dict[str, Any]]:
+    """A user message's content: the images (paths), the audio files, then the text, as OpenAI-style parts;
+    plain text when there are neither."""
+    if not images and not audios:
         return text
     parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": str(p)}} for p in images]
-    return [*parts, {"type": "text", "text": text}]
+    parts += [audio_file_part(p) for p in audios]
+    return [*parts, {"type": "text", "text": text}] if text else parts
 
 
 # --- encoding -------------------------------------------------------------------------------------------
@@ -215,3 +254,37 @@ class ImageEncoder:
                 f"the {limit} the library was compiled for; crop it closer to a square"
             )
         return self.model.image_embed(inputs)
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    prompt_ids: list[int]  # each chunk's placeholder, its filler tokens replaced by the clip's media ids
+    chunks: int
+    duration: float  # seconds of audio
+    seconds: float  # spent in audio_embed (0 when the clip was already encoded)
+
+
+class AudioEncoder:
+    """Cuts a clip into 30-second chunks, runs each through the library's audio_embed, keeps the rows in the
+    store."""
+
+    def __init__(self, model, processor: AudioProcessorConfig) -> None:
+        self.model = model  # a ModelLibrary with audio_embed
+        self.processor = processor
+
+    def encode(self, samples: np.ndarray) -> EncodedAudio:
+        features = [clip_features(chunk, self.processor.n_mels) for chunk in split_clip(samples)]
+        digest = "audio " + hashlib.sha256(np.ascontiguousarray(samples, np.float32).tobytes()).hexdigest()
+        media_ids = self.model.media.ids(digest)
+        seconds = 0.0
+        if media_ids is None:
+            start = time.perf_counter()
+            rows = [self.model.audio_embed(f.mel) for f in features]
+            seconds = time.perf_counter() - start
+            media_ids = self.model.media.add(digest, np.concatenate(rows))
+        ids, it = [], iter(media_ids)
+        begin, end = (self.processor.token_ids[self.processor.audio_start],
+                      self.processor.token_ids[self.processor.audio_end])
+        for f in features:
+            ids += [begin, *(next(it) for _ in range(f.tokens)), end]
+        return EncodedAudio(ids, len(features), sum(f.seconds for f in features), seconds)

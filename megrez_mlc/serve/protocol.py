@@ -157,6 +157,18 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class InputAudio(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    data: str  # base64 of the audio file's bytes
+    format: str  # "wav", "mp3", ...: a hint; the decoder reads what the bytes are
+
+
+class AudioPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class CalledFunction(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     name: str
@@ -173,7 +185,7 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | ImagePart] | None = (
+    content: str | list[TextPart | ImagePart | AudioPart] | None = (
         None  # None only in an assistant message with tool calls
     )
     tool_calls: list[ToolCall] | None = None  # an assistant's calls; a tool message answers one of them
@@ -191,8 +203,10 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
     @property
-    def has_images(self) -> bool:
-        return isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
+    def has_media(self) -> bool:
+        """Whether the content holds images or audio."""
+        media = (ImagePart, AudioPart)
+        return isinstance(self.content, list) and any(isinstance(p, media) for p in self.content)
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name

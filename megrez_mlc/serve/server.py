@@ -49,6 +49,7 @@ from .protocol import (
 )
 from .scheduler import QueueFull, Scheduler, Ticket
 from .tools import forced_call_grammar, parse_call, template_messages, unparsed_call
+from .transcriptions import read_transcription_form
 
 log = logging.getLogger("megrez_mlc")
 
@@ -158,6 +159,26 @@ def create_app(
         answer.function_names = [tool.function.name for tool in body.tools or []] if calls else []
         grammar_param = "tools" if forced_call else "response_format"
         return await _answer(request, body, answer, prompt_ids, engine.chat_sampling(params), grammar_param)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request) -> Any:
+        form = await read_transcription_form(request)
+        check_model(form.model)
+        prompt_ids = await _tokenize(lambda m: engine.encode_chat(m, media), [form.message()], "file")
+        params = engine.default_sampling(
+            temperature=form.temperature,
+            repetition_penalty=1.0,  # a transcript repeats what was said
+            max_tokens=engine.max_single_sequence_length,
+        )
+        answer = _Answer(scheduler, "chat.completion", "chatcmpl", model_name)
+        await answer.submit(prompt_ids, engine.chat_sampling(params), "file")
+        whole = await answer.whole(request)
+        text = whole["choices"][0]["message"]["content"]
+        if form.response_format == "text":
+            return PlainTextResponse(text)
+        usage = whole["usage"]
+        tokens = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+        return {"text": text, "usage": {"type": "tokens", **tokens, "total_tokens": usage["total_tokens"]}}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

@@ -30,10 +30,12 @@ def template_messages(body: ChatCompletionRequest, default_system: str) -> list[
 
 def _template_message(message: ChatMessage, n: int) -> dict[str, Any]:
     """One message: "developer" is OpenAI's newer "system"; an assistant's calls follow its text; a user
-    message with images keeps its parts (text and image_url) for the engine to encode."""
-    if message.has_images:
+    message with images or audio keeps its parts (text, image_url, input_audio) for the engine to encode."""
+    if message.has_media:
         if message.role != "user":
-            raise APIError(400, f"messages.{n}: only user messages may hold images", param="messages")
+            raise APIError(
+                400, f"messages.{n}: only user messages may hold images or audio", param="messages"
+            )
         parts = [part.model_dump(exclude_none=True) for part in message.content]
         return {"role": "user", "content": parts}
     content = message.text
