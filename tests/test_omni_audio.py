@@ -225,10 +225,10 @@ def test_chat_audio_command(omni_built, engine: Engine, tmp_path: Path) -> None:
         "--model-lib",
         str(model.lib),
     ]
-    command += ["--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "6"]
+    command += ["--temperature", "0", "--max-tokens", "6"]
     proc = subprocess.run(command, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
     out = proc.stdout.splitlines()
-    with ChatSession(engine, temperature=0.0, repetition_penalty=1.0, max_tokens=6) as chat:
+    with ChatSession(engine, temperature=0.0, max_tokens=6) as chat:
         first = chat.ask(content_with_media("", audios=[tmp_path / "q a.wav"]))
     assert first and proc.stdout.startswith(first + "\n")  # the answer the session gives
     assert any(line.startswith("error: ") and "none.wav" in line for line in out)
