@@ -734,7 +734,8 @@ def bench_cmd(
         click.echo(f"  {'image encode':<20}{per_slice:8.0f} ms/slice ({result.image_slices} slices)")
     if audio is not None:
         per_second = result.audio_encode_ms_per_second
-        click.echo(f"  {'audio encode':<20}{per_second:8.0f} ms per second of audio ({result.audio_seconds:.1f} s)")
+        seconds = result.audio_seconds
+        click.echo(f"  {'audio encode':<20}{per_second:8.0f} ms per second of audio ({seconds:.1f} s)")
     for label, value in (
         ("prefill", f"{result.prefill_tok_s:8.1f} tok/s"),
         ("decode", f"{result.decode_tok_s:8.1f} tok/s"),
@@ -756,7 +757,7 @@ def bench_cmd(
     "--prompt", "-p", default=None, help="The prompt (default: a greeting, or a question on the image)."
 )
 @click.option(
-    "--omni", is_flag=True, help="A tiny Megrez-3B-Omni, a synthetic image and clip: the image and audio paths."
+    "--omni", is_flag=True, help="A tiny Megrez-3B-Omni, a synthetic image and clip: the media paths."
 )
 @_report_errors
 def demo_cmd(workdir: Path | None, quantization: str, prompt: str | None, omni: bool) -> None:

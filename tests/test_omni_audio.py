@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from megrez_mlc.omni.audio import SAMPLE_RATE, clip_features, decode_audio, split_clip
 
 from megrez_mlc.errors import MegrezError
+from megrez_mlc.omni.audio import SAMPLE_RATE, clip_features, decode_audio, split_clip
 from megrez_mlc.runtime import Engine
 from megrez_mlc.runtime.chat import ChatSession
 from megrez_mlc.runtime.media import MediaError, audio_file_part, content_with_media

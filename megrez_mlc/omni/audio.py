@@ -91,9 +91,7 @@ def decode_audio(data: bytes) -> np.ndarray:
     except AudioError:
         raise
     except (av.FFmpegError, ValueError, OSError) as err:
-        raise AudioError(
-            f"the audio could not be decoded ({err}); send WAV, FLAC, MP3, M4A or OGG"
-        ) from None
+        raise AudioError(f"the audio could not be decoded ({err}); send WAV, FLAC, MP3, M4A or OGG") from None
     samples = np.concatenate(blocks, axis=1).mean(axis=0) if blocks else np.zeros(0, np.float32)
     samples = resample(samples.astype(np.float32), rate) if samples.size else samples
     check_clip(samples)

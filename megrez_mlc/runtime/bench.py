@@ -96,7 +96,7 @@ def run_bench(
     samples, audio_room = None, 0
     if audio is not None:
         if read_chat_config(model_dir)[1].audio_processor is None:
-            raise MegrezError(f"{model_dir} is not a Megrez-3B-Omni model with audio, so --audio does not apply")
+            raise MegrezError(f"{model_dir} is not a Megrez-3B-Omni model, so --audio does not apply")
         samples = read_audio_file(audio)
         audio_room = len(split_clip(samples)) * (WHISPER_CONTEXT // 2 + 4)
     engine = Engine(

@@ -210,7 +210,7 @@ class Engine:
             media_tokens = sum(len(item.prompt_ids) for item in encoded)
             clips = sum(isinstance(item, EncodedAudio) for item in encoded)
             raise PromptTooLong(
-                f"too much media: the prompt's {len(encoded) - clips} image(s) and {clips} audio clip(s) take "
+                f"too much media: the prompt's {len(encoded) - clips} image(s) and {clips} clip(s) take "
                 f"{media_tokens} of its {len(ids)} tokens, and the model holds "
                 f"{self.max_single_sequence_length}; send fewer or smaller images, or shorter clips"
             )

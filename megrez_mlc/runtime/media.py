@@ -38,7 +38,7 @@ from ..omni.images import (
     slice_inputs,
 )
 
-MEDIA_CACHE_ITEMS = 64  # encoded images and clips kept for reuse; older ones are encoded again when sent again
+MEDIA_CACHE_ITEMS = 64  # encoded images and clips kept for reuse; older ones are encoded again if sent again
 
 
 class MediaError(MegrezError):
@@ -185,7 +185,8 @@ def audio_file_part(path: str | Path) -> dict[str, Any]:
     """An `input_audio` content part holding a local audio file."""
     path = Path(path)
     data = read_audio_bytes(path)
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": path.suffix[1:]}}
+    clip = {"data": base64.b64encode(data).decode(), "format": path.suffix[1:]}
+    return {"type": "input_audio", "input_audio": clip}
 
 
 def count_clips(content: str | list[dict[str, Any]]) -> int:
@@ -283,8 +284,10 @@ class AudioEncoder:
             seconds = time.perf_counter() - start
             media_ids = self.model.media.add(digest, np.concatenate(rows))
         ids, it = [], iter(media_ids)
-        begin, end = (self.processor.token_ids[self.processor.audio_start],
-                      self.processor.token_ids[self.processor.audio_end])
+        begin, end = (
+            self.processor.token_ids[self.processor.audio_start],
+            self.processor.token_ids[self.processor.audio_end],
+        )
         for f in features:
             ids += [begin, *(next(it) for _ in range(f.tokens)), end]
         return EncodedAudio(ids, len(features), sum(f.seconds for f in features), seconds)
