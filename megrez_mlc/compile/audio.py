@@ -1,11 +1,15 @@
 """Megrez-3B-Omni's audio encoder as a graph, behind `audio_embed`.
 
-`audio_embed(mel [frames, n_mels])` encodes one clip of at most 30 seconds (the host computes its log-mel
-frames, time-major, an even count: omni/audio.py) into `frames / 4 + 2` embeddings of the LLM's width: the
-learned begin embedding, one per pair of encoder frames, the learned end embedding. The runtime writes them
-over the clip's placeholder. Parameter names are the checkpoint's (omni/weights.py lists the same ones in the
-same order). The convolutions are matrix products over each output frame's 3-frame window, so they reuse
-the GEMM schedules of every target.
+`audio_embed(mel [encoder_frames, 2, n_mels])` encodes one clip of at most 30 seconds (the host computes its
+log-mel frames, time-major, in pairs: omni/audio.py) into `encoder_frames // 2 + 2` embeddings of the LLM's
+width: the learned begin embedding, one per pair of encoder frames, the learned end embedding. The runtime
+writes them over the clip's placeholder. The frames come in pairs so that every shape in the graph is the
+symbolic `encoder_frames` or a multiple of it: DLight's GPU GEMM schedule cannot size its tiles for a row
+count like `(frames - 1) // 2 + 1`. For the same reason the pooled rows stay in an `encoder_frames`-row
+tensor (its second half zero) through `ln_post` and `proj`, and only the output drops the unused rows.
+Parameter names are the checkpoint's (omni/weights.py lists the same ones in the same order). The
+convolutions are matrix products over each output frame's 3-frame window, so they reuse the GEMM schedules
+of every target.
 """
 
 from __future__ import annotations
@@ -50,11 +54,10 @@ def gelu_erf(x: te.Tensor, cpu: bool) -> te.Tensor:
     return te.compute(x.shape, value, name="gelu_erf")
 
 
-def conv_windows(x: te.Tensor, stride: int) -> te.Tensor:
+def conv_windows(x: te.Tensor, stride: int, out_frames: tirx.PrimExpr) -> te.Tensor:
     """[frames, channels] -> [out_frames, channels * 3]: column c*3+k holds x[t*stride + k - 1, c] (zero
     outside the clip), the layout of a Conv1d weight [out, channels, 3] read as a matrix."""
     frames, channels = x.shape
-    out_frames = (frames - 1) // stride + 1
 
     def value(t, j):
         src = t * stride + j % CONV_KERNEL - 1
@@ -77,8 +80,8 @@ class Conv(FloatLinear):
         super().__init__(channels * CONV_KERNEL, width, bias=True)
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        windows = op.tensor_expr_op(lambda t: conv_windows(t, self.stride), "conv_windows", [x])
+    def forward(self, x: Tensor, out_frames: tirx.PrimExpr) -> Tensor:
+        windows = op.tensor_expr_op(lambda t: conv_windows(t, self.stride, out_frames), "conv_windows", [x])
         return super().forward(op.reshape(windows, (1, *windows.shape)))
 
 
@@ -120,18 +123,22 @@ def _first_rows(table: te.Tensor, like: te.Tensor) -> te.Tensor:
 
 
 def _average_pairs(x: te.Tensor) -> te.Tensor:
-    """AvgPool1d(2) over the frames of x [1, frames, width]: [1, frames // 2, width]."""
-    _, frames, width = x.shape
-    return te.compute(
-        (1, frames // 2, width),
-        lambda b, t, c: (x[b, 2 * t, c] + x[b, 2 * t + 1, c]) * tirx.const(0.5, x.dtype),
-        name="average_pairs",
-    )
+    """AvgPool1d(2) over the frames of x [1, frames, width], in rows [0, frames // 2) of a tensor as tall as
+    x (the rest zero)."""
+    frames = x.shape[1]
+
+    def value(b, t, c):
+        pair = x[b, tirx.min(2 * t, frames - 1), c] + x[b, tirx.min(2 * t + 1, frames - 1), c]
+        pair = pair * tirx.const(0.5, x.dtype)
+        return tirx.if_then_else(t < frames // 2, pair, tirx.const(0, x.dtype))
+
+    return te.compute(x.shape, value, name="average_pairs")
 
 
 def _between(begin_end: te.Tensor, x: te.Tensor) -> te.Tensor:
-    """[begin; x rows; end] for x [1, n, width] and begin_end [2, width]: [n + 2, width]."""
-    _, n, width = x.shape
+    """[begin; the first frames // 2 rows of x; end] for x [1, frames, width], begin_end [2, width]."""
+    _, frames, width = x.shape
+    n = frames // 2
 
     def value(t, c):
         inner = x[0, tirx.max(tirx.min(t - 1, n - 1), 0), c]
@@ -152,8 +159,9 @@ class WhisperEncoder(nn.Module):
         self.audio_bos_eos_token.weight = nn.Parameter((2, config.output_dim))
 
     def forward(self, mel: Tensor) -> Tensor:
-        x = _gelu(self.conv1(mel))
-        x = _gelu(self.conv2(op.reshape(x, x.shape[1:])))
+        encoder_frames, _, n_mels = mel.shape
+        x = _gelu(self.conv1(op.reshape(mel, (2 * encoder_frames, n_mels)), 2 * encoder_frames))
+        x = _gelu(self.conv2(op.reshape(x, x.shape[1:]), encoder_frames))
         x = x + op.tensor_expr_op(_first_rows, "positions", [self.positional_embedding, x])
         for block in self.blocks:
             x = block(x)

@@ -24,6 +24,7 @@ from ..artifacts.schemes import QuantScheme, get_scheme
 from ..config import ModelConfig
 from ..errors import MegrezError
 from ..home import megrez_home
+from ..omni.config import WHISPER_CONTEXT
 from ..omni.images import max_slice_patches
 from .gpu import check_attention_head_dim, device_functions, functions_left_on_host
 from .int8_matmul import DotIsa, select_isa
@@ -229,7 +230,7 @@ def compile_model(
     if chat_config.image_processor is not None:
         bounds["num_patches"] = max_slice_patches(chat_config.image_processor)
     if config.audio is not None:
-        bounds["mel_frames"] = config.audio.max_mel_frames
+        bounds["encoder_frames"] = WHISPER_CONTEXT
     if preset.is_gpu:
         check_attention_head_dim(
             config.head_dim,

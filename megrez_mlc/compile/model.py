@@ -159,7 +159,7 @@ class MegrezForCausalLM(nn.Module):
         return self.vision(patches, position_ids, key_positions)
 
     def audio_embed(self, mel: Tensor) -> Tensor:
-        """One clip's log-mel frames -> its embeddings, rows like `embed`'s (compile/audio.py)."""
+        """One clip's log-mel frames, in pairs -> its embeddings, rows like `embed`'s (compile/audio.py)."""
         return self.audio(mel)
 
     def prefill(self, input_embed: Tensor, paged_kv_cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
@@ -289,4 +289,5 @@ class MegrezForCausalLM(nn.Module):
         audio = self.config.audio
         if audio is None:
             return {}
-        return {"audio_embed": {"mel": nn.spec.Tensor(["mel_frames", audio.n_mels], self.dtype), "$": packed}}
+        mel = nn.spec.Tensor(["encoder_frames", 2, audio.n_mels], self.dtype)
+        return {"audio_embed": {"mel": mel, "$": packed}}

@@ -238,11 +238,6 @@ class AudioConfig:
             )
         return config
 
-    @property
-    def max_mel_frames(self) -> int:
-        """Mel frames of the longest clip one audio_embed call takes (30 seconds)."""
-        return 2 * WHISPER_CONTEXT
-
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

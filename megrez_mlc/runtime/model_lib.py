@@ -281,12 +281,14 @@ class ModelLibrary:
             return self.vm["image_embed"](*args, self.params).numpy().astype(np.float32)
 
     def audio_embed(self, mel: np.ndarray) -> np.ndarray:
-        """One clip's embeddings [frames / 4 + 2, hidden] from its log-mel frames [frames, n_mels]."""
+        """One clip's embeddings [frames // 4 + 2, hidden] from its log-mel frames [frames, n_mels] (an even
+        count: omni/audio.py's clip_features)."""
         if not self.has_audio_embed:
             raise MegrezError("this model library has no audio encoder; audio needs a Megrez-3B-Omni model")
         dtype = get_scheme(self.metadata["quantization"]).model_dtype
         with self.lock:
-            mel_frames = tvm.runtime.tensor(np.ascontiguousarray(mel, dtype=dtype), self.device)
+            pairs = np.ascontiguousarray(mel, dtype=dtype).reshape(len(mel) // 2, 2, mel.shape[1])
+            mel_frames = tvm.runtime.tensor(pairs, self.device)
             return self.vm["audio_embed"](mel_frames, self.params).numpy().astype(np.float32)
 
     def _embed(self, token_ids: np.ndarray, batch: int) -> Any:
