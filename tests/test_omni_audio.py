@@ -23,6 +23,7 @@ from megrez_mlc.errors import MegrezError
 from megrez_mlc.omni.audio import SAMPLE_RATE, clip_features, decode_audio, split_clip
 from megrez_mlc.runtime import Engine
 from megrez_mlc.runtime.chat import ChatSession
+from megrez_mlc.runtime.engine import PromptTooLong
 from megrez_mlc.runtime.media import MediaError, audio_file_part, content_with_media
 
 from .conftest import run_cli
@@ -165,6 +166,9 @@ def test_bad_clips_are_clear_errors(engine: Engine, monkeypatch: pytest.MonkeyPa
         ask(audio_part(wav_bytes(np.zeros(0, np.float32))))
     with pytest.raises(MediaError, match="silent"):
         ask(audio_part(wav_bytes(np.zeros(SAMPLE_RATE, np.float32))))
+    long = [audio_part(wav_bytes(tone_clip(31.0, seed=s))) for s in (10, 11)]  # 2 x 783 tokens
+    with pytest.raises(PromptTooLong, match=r"too much media: the prompt.s 0 image\(s\) and 2 clip\(s\)"):
+        engine.encode_chat([{"role": "user", "content": long}])
     monkeypatch.setattr("megrez_mlc.omni.audio.MAX_AUDIO_SECONDS", 5)
     with pytest.raises(MediaError, match="limit"):
         ask(audio_part(wav_bytes(tone_clip(6.0, seed=6))))
