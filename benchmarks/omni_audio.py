@@ -29,7 +29,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fullsize import ensure_checkpoint  # noqa: E402
-from omni_image import CHECKPOINT_NAME, _random_bf16, _write_with_header, machine, make_omni_checkpoint  # noqa: E402
+from omni_image import (  # noqa: E402
+    CHECKPOINT_NAME,
+    _random_bf16,
+    _write_with_header,
+    built_for_cpu,
+    machine,
+    make_omni_checkpoint,
+)
 
 from megrez_mlc.home import megrez_home  # noqa: E402
 
@@ -185,9 +192,6 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="Leave out the transformers peer.")
     args = parser.parse_args()
 
-    from megrez_mlc.compile.compiler import compile_model
-    from megrez_mlc.quantize.convert import convert_weight
-    from megrez_mlc.quantize.gen_config import gen_config
     from megrez_mlc.runtime.bench import run_bench
 
     cache = args.cache_dir or megrez_home() / "bench"
@@ -197,12 +201,7 @@ def main() -> None:
     if not (hf_dir / "config.json").is_file():
         make_audio_checkpoint(omni_dir, hf_dir)
     model_dir = cache / f"megrez-3b-omni-audio-{args.quantization}"
-    if not (model_dir / "mlc-chat-config.json").is_file():
-        convert_weight(hf_dir, model_dir, args.quantization)
-        gen_config(hf_dir, model_dir, args.quantization)
-    lib = model_dir / "cpu.so"
-    if not lib.is_file():
-        compile_model(model_dir, "cpu", lib)
+    lib = built_for_cpu(hf_dir, model_dir, args.quantization)
     clip = synthetic_clip(cache / "omni-30s.wav")
     result = run_bench(
         model_dir, lib, prompt_len=128, gen_len=128, threads=args.threads, runs=args.runs, audio=clip

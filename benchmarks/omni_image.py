@@ -205,6 +205,21 @@ def machine() -> str:
     return platform.processor()
 
 
+def built_for_cpu(hf_dir: Path, model_dir: Path, quantization: str) -> Path:
+    """The checkpoint converted into model_dir and compiled for this CPU (each step once, then cached)."""
+    from megrez_mlc.compile.compiler import compile_model
+    from megrez_mlc.quantize.convert import convert_weight
+    from megrez_mlc.quantize.gen_config import gen_config
+
+    if not (model_dir / "mlc-chat-config.json").is_file():
+        convert_weight(hf_dir, model_dir, quantization)
+        gen_config(hf_dir, model_dir, quantization)
+    lib = model_dir / "cpu.so"
+    if not lib.is_file():
+        compile_model(model_dir, "cpu", lib)
+    return lib
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantization", default="q4f32_1")
@@ -214,9 +229,6 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="Leave out the transformers peer.")
     args = parser.parse_args()
 
-    from megrez_mlc.compile.compiler import compile_model
-    from megrez_mlc.quantize.convert import convert_weight
-    from megrez_mlc.quantize.gen_config import gen_config
     from megrez_mlc.runtime.bench import run_bench
 
     cache = args.cache_dir or megrez_home() / "bench"
@@ -224,12 +236,7 @@ def main() -> None:
     if not (hf_dir / "config.json").is_file():
         make_omni_checkpoint(ensure_checkpoint(cache), hf_dir)
     model_dir = cache / f"megrez-3b-omni-{args.quantization}"
-    if not (model_dir / "mlc-chat-config.json").is_file():
-        convert_weight(hf_dir, model_dir, args.quantization)
-        gen_config(hf_dir, model_dir, args.quantization)
-    lib = model_dir / "cpu.so"
-    if not lib.is_file():
-        compile_model(model_dir, "cpu", lib)
+    lib = built_for_cpu(hf_dir, model_dir, args.quantization)
     image = synthetic_image(cache / "omni-1480x720.png")
     result = run_bench(
         model_dir, lib, prompt_len=128, gen_len=128, threads=args.threads, runs=args.runs, image=image

@@ -369,20 +369,11 @@ def test_generate_with_an_image_answers_as_the_engine(engine: Engine, omni_built
     assert proc.returncode == 1 and proc.stderr.startswith("error: image ") and proc.stderr.count("\n") == 1
 
 
-def test_chat_image_command(omni_built, engine: Engine, tmp_path: Path) -> None:
+def chat_with_lines(model: BuiltModel, lines: list[str]):
+    """`megrez-mlc chat` (greedy, 6 tokens an answer) with `lines` piped in; its finished process."""
     import subprocess
     import sys
 
-    model = omni_built("q0f32")
-    picture(150, 150, seed=11).save(tmp_path / "a b.png")
-    quoted = f'"{tmp_path / "a b.png"}"'
-    lines = [
-        f"/image {quoted}",
-        "What is it?",
-        f"/image {tmp_path}/none.png",
-        f"/image {quoted} Again?",
-        "/stats",
-    ]
     command = [
         sys.executable,
         "-m",
@@ -393,7 +384,21 @@ def test_chat_image_command(omni_built, engine: Engine, tmp_path: Path) -> None:
         str(model.lib),
     ]
     command += ["--temperature", "0", "--max-tokens", "6"]
-    proc = subprocess.run(command, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+
+
+def test_chat_image_command(omni_built, engine: Engine, tmp_path: Path) -> None:
+    model = omni_built("q0f32")
+    picture(150, 150, seed=11).save(tmp_path / "a b.png")
+    quoted = f'"{tmp_path / "a b.png"}"'
+    lines = [
+        f"/image {quoted}",
+        "What is it?",
+        f"/image {tmp_path}/none.png",
+        f"/image {quoted} Again?",
+        "/stats",
+    ]
+    proc = chat_with_lines(model, lines)
     out = proc.stdout.splitlines()
     assert out[0] == f"image {tmp_path / 'a b.png'} attached; now type your message"
     assert any(line.startswith("error: cannot read image") for line in out)

@@ -10,8 +10,6 @@ import base64
 import io
 import json
 import re
-import subprocess
-import sys
 import wave
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from megrez_mlc.runtime.media import MediaError, audio_file_part, content_with_m
 
 from .conftest import run_cli
 from .omni_oracle import OmniOracle
-from .test_omni import data_uri, image_part, picture, slice_batch
+from .test_omni import chat_with_lines, data_uri, image_part, picture, slice_batch
 
 SPEECH = Path(__file__).parent / "data" / "speech.flac"  # espeak-ng; tests/data/README says how it was made
 MAX_NEW = 12
@@ -113,6 +111,8 @@ def test_an_image_and_a_clip_answer_as_the_oracle(engine: Engine, oracle: OmniOr
         {"type": "text", "text": "What do you see and hear?"},
     ]
     prompt = engine.encode_chat([{"role": "user", "content": content}])
+    label = engine.tokenizer.encode("Audio 1: ")  # the first clip, whatever images come before it
+    assert any(prompt[i : i + len(label)] == label for i in range(len(prompt)))
     rows = [oracle.encode_slice(p) for p in slice_batch(engine, image)] + [oracle.encode_clip(decoded(clip))]
     answer = engine.generate(prompt, greedy_params(engine))
     assert answer.token_ids == oracle_answer(engine, oracle, prompt, rows)
@@ -220,17 +220,7 @@ def test_chat_audio_command(omni_built, engine: Engine, tmp_path: Path) -> None:
     (tmp_path / "q a.wav").write_bytes(wav_bytes(tone_clip(1.8, seed=9)))
     quoted = f'"{tmp_path / "q a.wav"}"'
     lines = [f"/audio {quoted}", f"/audio {tmp_path}/none.wav", f"/audio {quoted} {ASR_PROMPT}", "/stats"]
-    command = [
-        sys.executable,
-        "-m",
-        "megrez_mlc",
-        "chat",
-        str(model.model_dir),
-        "--model-lib",
-        str(model.lib),
-    ]
-    command += ["--temperature", "0", "--max-tokens", "6"]
-    proc = subprocess.run(command, input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
+    proc = chat_with_lines(model, lines)
     out = proc.stdout.splitlines()
     with ChatSession(engine, temperature=0.0, max_tokens=6) as chat:
         first = chat.ask(content_with_media("", audios=[tmp_path / "q a.wav"]))

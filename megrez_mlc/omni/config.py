@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import MegrezError
 
@@ -34,6 +34,24 @@ SIGLIP_SO400M = {
 }
 
 
+class _SavedFields:
+    """A frozen dataclass kept as a JSON object of its fields in mlc-chat-config.json, at `saved_as`."""
+
+    saved_as: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        try:
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError) as err:
+            raise MegrezError(
+                f"mlc-chat-config.json's {cls.saved_as} lacks or garbles {err}; run gen-config again"
+            ) from None
+
+
 def is_omni(hf: dict[str, Any]) -> bool:
     """Whether a config.json describes Megrez-3B-Omni (the LLM plus vision and audio encoders)."""
     return hf.get("model_type") == OMNI_MODEL_TYPE or OMNI_ARCHITECTURE in (hf.get("architectures") or [])
@@ -47,10 +65,12 @@ def _positive_int(values: dict[str, Any], key: str, where: str) -> int:
 
 
 @dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(_SavedFields):
     """The vision tower (Idefics2/SigLIP: patch embedding, position embedding over a square grid of
     `image_size / patch_size` buckets per side, pre-norm encoder layers with tanh-GELU MLPs, a final
     LayerNorm) and the resampler (`query_num` learned queries of the LLM width attending to the patches)."""
+
+    saved_as = "model_config.vision_config"
 
     hidden_size: int
     intermediate_size: int
@@ -117,16 +137,9 @@ class VisionConfig:
             resampler_heads=heads,
         )
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VisionConfig:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
-
 
 @dataclass(frozen=True)
-class ImageProcessorConfig:
+class ImageProcessorConfig(_SavedFields):
     """How an image becomes slices and prompt tokens (MiniCPM-V's slicing, as Megrez-3B-Omni uses it).
 
     An image is resized to about `scale_resolution`² pixels (the source slice) and, when larger than that,
@@ -135,6 +148,8 @@ class ImageProcessorConfig:
     image_end` for the source, then the grid's slices as `slice_start unk×query_num slice_end`, a row's
     slices side by side, rows joined by `row_separator`. `token_ids` are the tokenizer's ids of the five
     tokens. Kept as data so a different layout needs no new release."""
+
+    saved_as = "image_processor"
 
     scale_resolution: int
     max_slice_nums: int
@@ -147,18 +162,6 @@ class ImageProcessorConfig:
     unk: str
     row_separator: str
     token_ids: dict[str, int]
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ImageProcessorConfig:
-        try:
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
-        except (KeyError, TypeError) as err:
-            raise MegrezError(
-                f"mlc-chat-config.json's image_processor lacks or garbles {err}; run gen-config again"
-            ) from None
 
 
 # Megrez-3B-Omni's layout (the README says what it was reconstructed from): the LLM's own image tokens
@@ -203,11 +206,13 @@ AUDIO_LAYER_NORM_EPS = 1e-5  # the audio encoder's LayerNorms (torch's default)
 
 
 @dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(_SavedFields):
     """The audio encoder: Whisper-large-v3's (conv1 k3, conv2 k3 stride 2, both with GELU, a learned
     position embedding of `n_ctx` rows, `n_layer` pre-norm blocks of width `n_state` with `n_head` heads and
     4x GELU MLPs), then average pooling by 2, `ln_post`, a linear projection to `output_dim` (the LLM's
     width), and two learned embeddings put before and after each clip."""
+
+    saved_as = "model_config.audio_config"
 
     n_mels: int
     n_ctx: int
@@ -238,20 +243,15 @@ class AudioConfig:
             )
         return config
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AudioConfig:
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
-
 
 @dataclass(frozen=True)
-class AudioProcessorConfig:
+class AudioProcessorConfig(_SavedFields):
     """How a clip becomes prompt tokens. Each 30-second chunk of a clip is `audio_start`, one `unk` per
     embedding (the begin embedding, about 25 per second of audio, the end embedding), `audio_end`; a clip's
     chunks follow one another after `label` (`{index}` is the clip's number in the conversation, from 1),
     and `separator` follows the clip. `token_ids` are the tokenizer's ids of the three tokens."""
+
+    saved_as = "audio_processor"
 
     n_mels: int
     label: str
@@ -260,18 +260,6 @@ class AudioProcessorConfig:
     unk: str
     separator: str
     token_ids: dict[str, int]
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AudioProcessorConfig:
-        try:
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
-        except (KeyError, TypeError) as err:
-            raise MegrezError(
-                f"mlc-chat-config.json's audio_processor lacks or garbles {err}; run gen-config again"
-            ) from None
 
 
 # Megrez-3B-Omni's audio layout (reconstructed; the README says from what): the LLM's audio tokens around

@@ -135,7 +135,8 @@ class Engine:
             raise MegrezError("the conversation is empty; give at least one message")
         rendered, encoded = [], []
         for message in messages:  # first, so an error counts characters of the message, not of the template
-            text, message_media = self.content_text(message["role"], message["content"], media, len(encoded))
+            clips = sum(isinstance(item, EncodedAudio) for item in encoded)
+            text, message_media = self.content_text(message["role"], message["content"], media, clips)
             rendered.append({"role": message["role"], "content": text})
             encoded += message_media
         return self._tokenize_with_media(self.conversation.render(rendered), encoded)
