@@ -177,6 +177,17 @@ DEFAULT_LAYOUT = {
 DEFAULT_SLICING = {"scale_resolution": 448, "max_slice_nums": 9}
 
 
+def placeholder_token_ids(tokens: list[str], token_ids: dict[str, int], media: str) -> dict[str, int]:
+    """The tokenizer's ids of the placeholder tokens of an image or audio layout."""
+    missing = [token for token in tokens if token not in token_ids]
+    if missing:
+        raise MegrezError(
+            f"the tokenizer has no {missing[0]} token, which the {media} placeholders use; is this "
+            "Megrez-3B-Omni's tokenizer.json?"
+        )
+    return {token: token_ids[token] for token in tokens}
+
+
 def image_processor_config(
     preprocessor: dict[str, Any], vision: VisionConfig, token_ids: dict[str, int]
 ) -> ImageProcessorConfig:
@@ -185,15 +196,8 @@ def image_processor_config(
     where = "preprocessor_config.json"
     slicing = {key: _positive_int({**DEFAULT_SLICING, **preprocessor}, key, where) for key in DEFAULT_SLICING}
     layout = {key: preprocessor.get(key, value) for key, value in DEFAULT_LAYOUT.items()}
-    ids = {}
-    for key in ("image_start", "image_end", "slice_start", "slice_end", "unk"):
-        token = layout[key]
-        if token not in token_ids:
-            raise MegrezError(
-                f"the tokenizer has no {token} token, which the image placeholders use; is this "
-                "Megrez-3B-Omni's tokenizer.json?"
-            )
-        ids[token] = token_ids[token]
+    tokens = [layout[key] for key in ("image_start", "image_end", "slice_start", "slice_end", "unk")]
+    ids = placeholder_token_ids(tokens, token_ids, "image")
     return ImageProcessorConfig(
         **slicing, patch_size=vision.patch_size, query_num=vision.query_num, **layout, token_ids=ids
     )
@@ -275,13 +279,6 @@ DEFAULT_AUDIO_LAYOUT = {
 
 def audio_processor_config(audio: AudioConfig, token_ids: dict[str, int]) -> AudioProcessorConfig:
     """The audio placeholder settings of a checkpoint, with the tokens' ids from its tokenizer."""
-    ids = {}
-    for key in ("audio_start", "audio_end", "unk"):
-        token = DEFAULT_AUDIO_LAYOUT[key]
-        if token not in token_ids:
-            raise MegrezError(
-                f"the tokenizer has no {token} token, which the audio placeholders use; is this "
-                "Megrez-3B-Omni's tokenizer.json?"
-            )
-        ids[token] = token_ids[token]
+    tokens = [DEFAULT_AUDIO_LAYOUT[key] for key in ("audio_start", "audio_end", "unk")]
+    ids = placeholder_token_ids(tokens, token_ids, "audio")
     return AudioProcessorConfig(n_mels=audio.n_mels, **DEFAULT_AUDIO_LAYOUT, token_ids=ids)
