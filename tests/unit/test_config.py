@@ -248,3 +248,13 @@ def test_a_broken_mlc_model_config_says_to_regenerate_it(
     assert message.startswith("mlc-chat-config.json's model_config lacks or garbles ")
     assert garbled in message
     assert message.endswith("; regenerate it with `megrez-mlc gen-config`")
+
+
+def test_omni_placeholders_need_the_tokenizers_tokens() -> None:
+    from megrez_mlc.omni.config import AudioConfig, audio_processor_config
+
+    audio = AudioConfig(n_mels=80, n_ctx=1500, n_state=52, n_head=4, n_layer=2, output_dim=264)
+    ids = {"<|audio_start|>": 120020, "<|audio_end|>": 120021, "<|unk|>": 120001}
+    assert audio_processor_config(audio, ids).token_ids == ids
+    with pytest.raises(MegrezError, match=r"^the tokenizer has no <\|audio_end\|> token, which the audio"):
+        audio_processor_config(audio, {k: v for k, v in ids.items() if k != "<|audio_end|>"})
